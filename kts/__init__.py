@@ -1,0 +1,45 @@
+"""kts: the reproducible companion to Parvathi & Jonnadula's CU-Net + Mask R-CNN kidney tumour paper.
+
+Where each part of the paper lives:
+
+==========================================  =====================
+paper                                       module
+==========================================  =====================
+Algorithm 1 (Custom U-Net)                  ``kts.cunet``
+training recipe, overfit measure D (III.A)  ``kts.train``, ``kts.metrics``
+IoU, Dice, accuracy (Table I)               ``kts.metrics``
+MR slices, masks, splits (III.A.2-3, IV)    ``kts.phantom``, ``kts.data``
+Mask R-CNN (III.B)                          ``kts.maskrcnn``
+the cascade of Figure 4                     ``kts.cascade``
+Figures 1, 3, 5, 6                          ``kts.plots``
+Table I split study                         ``kts.study``
+==========================================  =====================
+
+Heavy modules (TensorFlow) are imported lazily so that ``import kts`` is fast.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from kts.config import print_config
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "build_cunet": ("kts.cunet", "build_cunet"),
+    "TumorMaskRCNN": ("kts.maskrcnn", "TumorMaskRCNN"),
+}
+_SUBMODULES = {"cascade", "cunet", "data", "fetch", "manifest", "maskrcnn", "masks", "metrics",
+               "phantom", "plots", "study", "train", "config", "errors", "io", "pipeline", "bench"}
+
+__all__ = ["build_cunet", "TumorMaskRCNN", "print_config", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(module), attr)
+    if name in _SUBMODULES:
+        return importlib.import_module(f"kts.{name}")
+    raise AttributeError(f"module 'kts' has no attribute {name!r}")

@@ -1,0 +1,155 @@
+"""Run profiles, folders and the printed configuration every notebook starts with.
+
+Two speeds (README, "Two profiles"): ``paper`` holds the paper's settings (section IV:
+320x320 inputs, the full training recipe with early stopping, a ResNet-18 Mask R-CNN);
+``quick`` is a small profile for CI and classrooms that still runs every code path.
+A notebook's ``parameters`` cell takes ``PROFILE = kts.config.default_profile()``, which
+reads the ``KTS_PROFILE`` environment variable (nbval injects no parameters) and falls back
+to ``"paper"``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+PROFILE_ENV = "KTS_PROFILE"
+DATA_ENV = "KTS_DATA_DIR"
+RESULTS_ENV = "KTS_RESULTS_DIR"
+WORK_ENV = "KTS_WORK_DIR"
+
+
+@dataclasses.dataclass(frozen=True)
+class Profile:
+    """Every size and length a notebook needs; see ``PROFILES`` for the two values."""
+
+    name: str
+    # data (section III.A.2 and IV): 30 MR slices, 360x360, resized to ``image_size``
+    n_cases: int
+    slices_per_case: int
+    difficulty: str
+    image_size: int
+    # CU-Net (Algorithm 1) and its training recipe (section IV)
+    cunet_base_filters: int  # z
+    cunet_epochs: int
+    cunet_batch_size: int
+    early_stopping_patience: int
+    reduce_lr_patience: int
+    # Mask R-CNN (section III.B)
+    maskrcnn_profile: str
+    maskrcnn_steps: int
+    # Table I split study
+    seeds: int
+
+
+PROFILES: dict[str, Profile] = {
+    "paper": Profile(
+        name="paper", n_cases=30, slices_per_case=1, difficulty="paper", image_size=320,
+        cunet_base_filters=16, cunet_epochs=100, cunet_batch_size=4,
+        early_stopping_patience=10, reduce_lr_patience=5,
+        maskrcnn_profile="paper", maskrcnn_steps=600, seeds=3,
+    ),
+    "quick": Profile(
+        name="quick", n_cases=30, slices_per_case=1, difficulty="paper", image_size=128,
+        cunet_base_filters=8, cunet_epochs=12, cunet_batch_size=4,
+        early_stopping_patience=4, reduce_lr_patience=2,
+        maskrcnn_profile="quick", maskrcnn_steps=80, seeds=1,
+    ),
+}
+
+
+def default_profile() -> str:
+    """The profile name from ``$KTS_PROFILE``, else ``"paper"``."""
+    return os.environ.get(PROFILE_ENV, "paper")
+
+
+def get_profile(name: str) -> Profile:
+    """Return the named profile; an unknown name or a non-string raises ``ValueError``."""
+    if not isinstance(name, str):
+        raise ValueError(f"PROFILE must be a string, one of {sorted(PROFILES)}; got {type(name).__name__} {name!r}")
+    try:
+        return PROFILES[name]
+    except KeyError:
+        raise ValueError(f"unknown profile {name!r}: choose one of {sorted(PROFILES)}") from None
+
+
+def check_parameters(values: dict[str, Any], expected: dict[str, type | tuple[type, ...]]) -> None:
+    """Check notebook parameters' types (papermill injects whatever it is given).
+
+    ``expected`` maps a parameter name to the type(s) it must have; raises ``ValueError``
+    naming the parameter, the type it got and the one it needs.
+    """
+    for key, types in expected.items():
+        if key not in values:
+            raise ValueError(f"parameter {key} is missing")
+        value = values[key]
+        ok_types = types if isinstance(types, tuple) else (types,)
+        if isinstance(value, bool) and bool not in ok_types:
+            ok = False
+        else:
+            ok = isinstance(value, ok_types)
+        if not ok:
+            names = " or ".join(t.__name__ for t in ok_types)
+            raise ValueError(f"parameter {key} must be {names}; got {type(value).__name__} {value!r}")
+
+
+def _folder(env: str, default: str) -> Path:
+    return Path(os.environ.get(env, default)).expanduser()
+
+
+def data_dir() -> Path:
+    """Where generated and downloaded data live: ``$KTS_DATA_DIR`` or ``./data``."""
+    return _folder(DATA_ENV, "data")
+
+
+def results_dir() -> Path:
+    """Where figures and tables go: ``$KTS_RESULTS_DIR`` or ``./results``."""
+    return _folder(RESULTS_ENV, "results")
+
+
+def work_dir() -> Path:
+    """Where checkpoints and histories go: ``$KTS_WORK_DIR`` or ``./work``."""
+    return _folder(WORK_ENV, "work")
+
+
+def project_root() -> Path:
+    """The repository root when kts is installed in development mode (``pip install -e .``)."""
+    return Path(__file__).resolve().parent.parent
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python and of the libraries whose behaviour the results depend on."""
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for dist in ("kts", "tensorflow", "keras", "tf-keras", "tf-models-official", "numpy",
+                 "pydicom", "scikit-image", "highdicom", "matplotlib"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "not installed"
+    return out
+
+
+def print_config(seed: int | None = None, profile: str | None = None) -> dict[str, Any]:
+    """Print (and return) versions, seed, profile and compute device, as MONAI tutorials do."""
+    info: dict[str, Any] = dict(versions())
+    info["platform"] = f"{platform.system()} {platform.machine()}"
+    info["cpu_count"] = os.cpu_count()
+    try:
+        import tensorflow as tf
+
+        gpus = tf.config.list_physical_devices("GPU")
+        info["device"] = f"{len(gpus)} GPU" if gpus else "CPU"
+    except Exception:  # pragma: no cover - TF missing
+        info["device"] = "unknown"
+    if seed is not None:
+        info["seed"] = seed
+    if profile is not None:
+        info["profile"] = profile
+    width = max(len(k) for k in info)
+    for key, value in info.items():
+        print(f"{key:<{width}} : {value}")
+    return info

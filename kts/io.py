@@ -1,0 +1,68 @@
+"""Atomic file writing: nothing half-written is ever left behind.
+
+Every file kts writes (dataset cache, splits, checkpoints, figures, tables) goes
+through :func:`atomic_path`: the data is written to a temporary file in the target
+folder and renamed into place only when complete, so an interrupted run leaves the
+previous version intact.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` on success.
+
+    The temporary name keeps the final extension (``suffix``, default the target's)
+    because some writers (``numpy.savez``, Keras, matplotlib) choose the format by it.
+    On any exception the temporary file is removed and the target is untouched.
+    """
+    target = Path(path)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # read-only or missing parent
+        raise OSError(f"{target.parent}: cannot create the output folder ({exc.strerror or exc})") from exc
+    suffix = target.suffix if suffix is None else suffix
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{suffix}", dir=target.parent)
+    except OSError as exc:
+        raise OSError(f"{target}: cannot write here ({exc.strerror or exc})") from exc
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (UTF-8)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def write_json(path: str | os.PathLike, obj: object) -> Path:
+    """Write ``obj`` as indented, key-sorted JSON atomically (stable bytes for diffing)."""
+    return write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def _json_default(value: object) -> object:
+    import numpy as np
+
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot write {type(value).__name__} as JSON")

@@ -1,0 +1,350 @@
+"""The CU-Net training recipe of sections III.A.3 and IV, used by the notebooks and the split study alike.
+
+Section IV: binary cross-entropy loss, the Adam optimizer, flip augmentation that doubles
+the training set, early stopping, learning-rate reduction on plateaus, and a validation
+set I_beta watched during training. kts adds what a reproducible run needs: one seed for
+everything, op determinism, atomic checkpoints (``best.keras``, ``last.keras``), a CSV
+history (Figure 6 is drawn from it), and exact resumption after an interruption.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import keras
+import numpy as np
+
+from kts import io as kts_io
+
+HISTORY_FILE = "history.csv"
+BEST_FILE = "best.keras"
+LAST_FILE = "last.keras"
+STATE_FILE = "state.json"
+FLIPS = ("horizontal", "vertical")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Training settings; defaults are the paper profile's (errata E10 for values the paper leaves open)."""
+
+    epochs: int = 100
+    batch_size: int = 4
+    learning_rate: float = 1e-3
+    flip: str = "horizontal"           # the flip that doubles the training set (section IV)
+    early_stopping_patience: int = 10  # EarlyStopping on val_loss, restore_best_weights
+    reduce_lr_patience: int = 5        # ReduceLROnPlateau on val_loss
+    reduce_lr_factor: float = 0.5
+    min_learning_rate: float = 1e-6
+    monitor: str = "val_loss"
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size", "early_stopping_patience", "reduce_lr_patience"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not (isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0):
+            raise ValueError(f"learning_rate must be a positive number, got {self.learning_rate!r}")
+        if self.flip not in FLIPS:
+            raise ValueError(f"flip must be one of {FLIPS}, got {self.flip!r}")
+        if not 0 < self.reduce_lr_factor < 1:
+            raise ValueError(f"reduce_lr_factor must be in (0, 1), got {self.reduce_lr_factor!r}")
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What :func:`train_cunet` returns: the best model, its history and where things were written."""
+
+    model: Any
+    history: Any  # pandas.DataFrame, one row per epoch
+    out_dir: Path
+    best_epoch: int
+    stopped_early: bool
+
+
+def set_seed(seed: int, deterministic: bool = True) -> None:
+    """Seed Python, NumPy and TensorFlow/Keras; turn on TF op determinism (same seed, same bits on CPU)."""
+    import tensorflow as tf
+
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    keras.utils.set_random_seed(seed)
+    if deterministic:
+        tf.config.experimental.enable_op_determinism()
+
+
+def prepare_inputs(images) -> np.ndarray:
+    """Images in 0..255 (section III.A.2) -> float32 [N, H, W, 1] in 0..1, the CU-Net's input."""
+    x = np.asarray(images, dtype=np.float32)
+    if x.ndim == 2:
+        x = x[None]
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.ndim != 4 or x.shape[-1] != 1:
+        raise ValueError(f"images must be [N, H, W] or [N, H, W, 1] greyscale, got shape {np.shape(images)}")
+    if not np.all(np.isfinite(x)):
+        raise ValueError("images contain NaN or Inf values")
+    return x / np.float32(255.0)
+
+
+def prepare_masks(masks) -> np.ndarray:
+    """Binary kidney masks -> float32 [N, H, W, 1] of 0/1."""
+    y = np.asarray(masks)
+    if y.ndim == 3:
+        y = y[..., None]
+    return (y > 0).astype(np.float32)
+
+
+def flip_pairs(images, masks, flip: str = "horizontal"):
+    """The flipped copies that double the training set (section IV): left-right or up-down."""
+    axis = {"horizontal": 2, "vertical": 1}.get(flip)
+    if axis is None:
+        raise ValueError(f"flip must be one of {FLIPS}, got {flip!r}")
+    return np.flip(images, axis=axis), np.flip(masks, axis=axis)
+
+
+def make_dataset(images, masks, batch_size: int, seed: int, flip: str = "horizontal",
+                 first_epoch: int = 0, epochs: int = 1, augment: bool = True):
+    """The training ``tf.data`` pipeline: originals plus flipped copies, reshuffled each epoch.
+
+    The order of epoch ``e`` depends only on ``(seed, e)`` (a stateless shuffle), so a run
+    resumed at epoch ``e`` sees the very batches the uninterrupted run saw.
+    """
+    import tensorflow as tf
+
+    x = tf.constant(prepare_inputs(images))
+    y = tf.constant(prepare_masks(masks))
+    n = int(x.shape[0])
+    axis = {"horizontal": 2, "vertical": 1}[flip]
+    total = 2 * n if augment else n
+
+    def one_epoch(epoch):
+        order = tf.random.experimental.stateless_shuffle(tf.range(total, dtype=tf.int64),
+                                                         seed=tf.stack([tf.cast(seed, tf.int64), epoch]))
+
+        def take(i):
+            j = i % n
+            xi, yi = tf.gather(x, j), tf.gather(y, j)
+            if augment:
+                flipped = i >= n
+                xi = tf.where(flipped, tf.reverse(xi, [axis - 1]), xi)
+                yi = tf.where(flipped, tf.reverse(yi, [axis - 1]), yi)
+            return xi, yi
+
+        return tf.data.Dataset.from_tensor_slices(order).map(take).batch(batch_size)
+
+    epochs_ds = tf.data.Dataset.range(first_epoch, first_epoch + epochs)
+    return epochs_ds.flat_map(one_epoch).prefetch(tf.data.AUTOTUNE)
+
+
+def steps_per_epoch(n_images: int, batch_size: int, augment: bool = True) -> int:
+    total = 2 * n_images if augment else n_images
+    return -(-total // batch_size)
+
+
+def compile_cunet(model, learning_rate: float) -> None:
+    """Binary cross-entropy and Adam (section IV), with accuracy and foreground IoU as metrics (Table I)."""
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
+        loss=keras.losses.BinaryCrossentropy(),
+        metrics=[keras.metrics.BinaryAccuracy(name="accuracy"),
+                 keras.metrics.BinaryIoU(target_class_ids=[1], threshold=0.5, name="iou")],
+    )
+
+
+def _check_pair(images, masks, what: str) -> None:
+    if images is None or masks is None:
+        raise ValueError(f"{what} images and masks are required")
+    if len(images) == 0:
+        raise ValueError(f"{what} set is empty")
+    if np.shape(images)[:3] != np.shape(masks)[:3]:
+        raise ValueError(f"{what} images {np.shape(images)} and masks {np.shape(masks)} differ in shape")
+
+
+def train_cunet(train: tuple, validation: tuple | None, out_dir: str | os.PathLike, *,
+                model_kwargs: dict | None = None, config: TrainConfig = TrainConfig(), seed: int = 0,
+                strategy=None, resume: bool = False, verbose: int = 0) -> TrainResult:
+    """Train a CU-Net with the paper's recipe (section IV); return the best model and its history.
+
+    ``train`` and ``validation`` are ``(images, kidney_masks)`` with images in 0..255; the
+    validation set I_beta is required (section III.A.3). ``model_kwargs`` go to
+    :func:`kts.cunet.build_cunet` (the input shape is taken from the images). ``strategy``: an
+    optional ``tf.distribute.Strategy`` (e.g. ``MirroredStrategy`` over several GPUs) under whose
+    scope the model is built and trained. ``resume=True`` continues from ``out_dir/last.keras``
+    and ends where an uninterrupted run would have ended.
+    """
+    from kts.cunet import build_cunet
+
+    if validation is None:
+        raise ValueError("a validation set is required (section III.A.3 trains with I_beta watched); "
+                         "pass validation=(images, masks)")
+    _check_pair(*train, "training")
+    _check_pair(*validation, "validation")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    set_seed(seed)
+    images, masks = train
+    height, width = np.shape(images)[1:3]
+    kwargs = dict(model_kwargs or {})
+    kwargs.setdefault("input_shape", (int(height), int(width), 1))
+    if tuple(kwargs["input_shape"][:2]) != (height, width):
+        raise ValueError(f"model input_shape {kwargs['input_shape']} does not match images {height}x{width}")
+
+    scope = strategy.scope() if strategy is not None else _null_scope()
+    state = _load_state(out_dir) if resume else None
+    with scope:
+        if state is not None:
+            model = keras.saving.load_model(out_dir / LAST_FILE, safe_mode=True)
+        else:
+            model = build_cunet(**kwargs)
+            compile_cunet(model, config.learning_rate)
+
+    first_epoch = state["epoch"] if state else 0
+    history_rows = state["history"] if state else []
+    if first_epoch >= config.epochs or (state and state.get("stopped")):
+        return _finish(out_dir, history_rows, state.get("stopped", False) if state else False)
+
+    callbacks = _callbacks(out_dir, config, seed, state, history_rows)
+    checkpoint_cb = callbacks[-1]
+    val_x, val_y = prepare_inputs(validation[0]), prepare_masks(validation[1])
+    dataset = make_dataset(images, masks, config.batch_size, seed, config.flip,
+                           first_epoch=first_epoch, epochs=config.epochs - first_epoch)
+    model.fit(dataset, validation_data=(val_x, val_y), validation_batch_size=config.batch_size,
+              epochs=config.epochs, initial_epoch=first_epoch,
+              steps_per_epoch=steps_per_epoch(len(images), config.batch_size),
+              callbacks=callbacks, verbose=verbose)
+    return _finish(out_dir, checkpoint_cb.rows, checkpoint_cb.stopped)
+
+
+class _null_scope:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _callbacks(out_dir: Path, config: TrainConfig, seed: int, state: dict | None, history_rows: list):
+    early_stopping_cb = keras.callbacks.EarlyStopping(
+        monitor=config.monitor, patience=config.early_stopping_patience, restore_best_weights=True, verbose=0)
+    reduce_lr_cb = keras.callbacks.ReduceLROnPlateau(
+        monitor=config.monitor, factor=config.reduce_lr_factor, patience=config.reduce_lr_patience,
+        min_lr=config.min_learning_rate, verbose=0)
+    checkpoint_cb = CheckpointCallback(out_dir, config, seed, early_stopping_cb, reduce_lr_cb, history_rows, state)
+    # Keras calls callbacks in list order: the checkpoint runs after EarlyStopping and
+    # ReduceLROnPlateau have reset themselves (train begin) and updated themselves (epoch end).
+    return [early_stopping_cb, reduce_lr_cb, checkpoint_cb]
+
+
+def _callback_state(cb) -> dict:
+    return {"wait": int(cb.wait), "best": float(cb.best) if cb.best is not None else None}
+
+
+class CheckpointCallback(keras.callbacks.Callback):
+    """After each epoch, writes ``best.keras``, ``last.keras``, ``history.csv`` and ``state.json`` atomically.
+
+    ``state.json`` holds what Keras keeps only in memory (the early-stopping and learning-rate
+    callbacks' counters, the best value), so that a resumed run continues exactly.
+    """
+
+    def __init__(self, out_dir: Path, config: TrainConfig, seed: int, early_stopping_cb, reduce_lr_cb,
+                 history_rows: list, state: dict | None = None):
+        super().__init__()
+        self.out_dir, self.config, self.seed = out_dir, config, seed
+        self.early_stopping_cb, self.reduce_lr_cb = early_stopping_cb, reduce_lr_cb
+        self.rows = list(history_rows)
+        self.state = state
+        self.best_value = state["best_value"] if state else float("inf")
+        self.best_epoch = state["best_epoch"] if state else 0
+        self.stopped = False
+
+    def on_train_begin(self, logs=None):
+        if not self.state:
+            return
+        for cb, key in ((self.early_stopping_cb, "early_stopping"), (self.reduce_lr_cb, "reduce_lr")):
+            cb.wait = self.state[key]["wait"]
+            cb.best = self.state[key]["best"]
+        best_model = keras.saving.load_model(self.out_dir / BEST_FILE, safe_mode=True)
+        self.early_stopping_cb.best_weights = best_model.get_weights()
+        self.early_stopping_cb.best_epoch = self.best_epoch - 1
+
+    def on_epoch_begin(self, epoch, logs=None):
+        # Dropout's random stream restarts at a point fixed by (layer seed, epoch): Keras does
+        # not save a SeedGenerator's counter, and this keeps a resumed run on the same masks.
+        for layer in self.model.layers:
+            generator = getattr(layer, "seed_generator", None)
+            if generator is not None:
+                state = keras.ops.convert_to_numpy(generator.state)
+                generator.state.assign(np.array([state[0], epoch * 1_000_003], dtype=state.dtype))
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = dict(logs or {})
+        row = {"epoch": epoch + 1}
+        row.update({k: float(v) for k, v in sorted(logs.items()) if k != "learning_rate"})
+        row["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+        self.rows.append(row)
+        value = float(logs.get(self.config.monitor, np.inf))
+        if value < self.best_value:
+            self.best_value, self.best_epoch = value, epoch + 1
+            _save_model(self.model, self.out_dir / BEST_FILE)
+        _save_model(self.model, self.out_dir / LAST_FILE)
+        _write_history(self.out_dir / HISTORY_FILE, self.rows)
+        es = self.early_stopping_cb
+        self.stopped = bool(es.wait >= es.patience and epoch > 0)
+        kts_io.write_json(self.out_dir / STATE_FILE, {
+            "epoch": epoch + 1, "seed": self.seed, "config": dataclasses.asdict(self.config),
+            "best_value": self.best_value, "best_epoch": self.best_epoch,
+            "early_stopping": _callback_state(es), "reduce_lr": _callback_state(self.reduce_lr_cb),
+            "history": self.rows, "stopped": self.stopped,
+        })
+
+
+def _save_model(model, path: Path) -> None:
+    with kts_io.atomic_path(path) as tmp:
+        model.save(tmp)
+
+
+def _write_history(path: Path, rows: list[dict]) -> None:
+    import pandas as pd
+
+    with kts_io.atomic_path(path) as tmp:
+        pd.DataFrame(rows).to_csv(tmp, index=False, float_format="%.6g")
+
+
+def _load_state(out_dir: Path) -> dict | None:
+    path = out_dir / STATE_FILE
+    if not path.exists() or not (out_dir / LAST_FILE).exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: unreadable training state ({exc}); delete the folder to start afresh") from exc
+
+
+def _finish(out_dir: Path, rows: list[dict], stopped: bool) -> TrainResult:
+    import pandas as pd
+
+    best = out_dir / BEST_FILE if (out_dir / BEST_FILE).exists() else out_dir / LAST_FILE
+    model = keras.saving.load_model(best, safe_mode=True)
+    history = pd.DataFrame(rows)
+    state = _load_state(out_dir) or {}
+    return TrainResult(model=model, history=history, out_dir=out_dir,
+                       best_epoch=int(state.get("best_epoch", len(rows))), stopped_early=bool(stopped))
+
+
+def predict_probabilities(model, images, batch_size: int = 8) -> np.ndarray:
+    """Kidney probabilities [N, H, W] for images in 0..255."""
+    x = prepare_inputs(images)
+    return np.asarray(model.predict(x, batch_size=batch_size, verbose=0))[..., 0]
+
+
+def load_history(out_dir: str | os.PathLike):
+    """The per-epoch history CSV written by :func:`train_cunet` (Figure 6's data)."""
+    import pandas as pd
+
+    path = Path(out_dir) / HISTORY_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no training history; train first")
+    return pd.read_csv(path)

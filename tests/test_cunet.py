@@ -1,0 +1,80 @@
+"""Algorithm 1: the built CU-Net has the structure the paper describes."""
+from collections import Counter
+
+import pytest
+
+from kts.cunet import PAPER_MU_LITERAL, build_cunet, forward_flops, layer_table
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_cunet()
+
+
+def test_default_parameter_count(model):
+    # z=16, mu=(1,2,4,8), BN on, 320x320x1: the figure quoted in README
+    assert model.count_params() == 2_164_305
+
+
+def test_layer_counts_match_algorithm_1(model):
+    kinds = Counter(type(layer).__name__ for layer in model.layers)
+    assert kinds["Conv2D"] == 4 * 2 + 2 + 4 * 2 + 1  # contracting, connected, expansive, output
+    assert kinds["Conv2DTranspose"] == 4
+    assert kinds["MaxPooling2D"] == 4
+    assert kinds["Dropout"] == 8  # after each pool and after each concat
+    assert kinds["Concatenate"] == 4
+    assert kinds["BatchNormalization"] == 18  # after each 3x3 convolution (section II.B)
+
+
+def test_filter_sizes_follow_z_and_mu(model):
+    filters = {layer.name: layer.filters for layer in model.layers if hasattr(layer, "filters")}
+    for i, m in enumerate((1, 2, 4, 8), start=1):
+        assert filters[f"enc{i}_conv1"] == filters[f"enc{i}_conv2"] == 16 * m
+        assert filters[f"dec{i}_upconv"] == filters[f"dec{i}_conv1"] == 16 * m
+    assert filters["bottleneck_conv1"] == filters["bottleneck_conv2"] == 16 * 8 * 2
+    assert filters["I_out"] == 1
+
+
+def test_output_is_one_sigmoid_channel_at_input_size(model):
+    assert tuple(model.output.shape) == (None, 320, 320, 1)
+    out = model.get_layer("I_out")
+    assert out.activation.__name__ == "sigmoid"
+    assert tuple(out.kernel_size) == (1, 1)
+
+
+def test_literal_mu_widens_the_bottleneck():
+    literal = build_cunet(input_shape=(64, 64, 1), z=4, mu=PAPER_MU_LITERAL)
+    assert literal.get_layer("bottleneck_conv1").filters == 4 * 16 * 2
+
+
+def test_batch_norm_off_and_literal_output():
+    no_bn = build_cunet(input_shape=(32, 32, 1), z=2, batch_norm=False)
+    assert not any(type(layer).__name__ == "BatchNormalization" for layer in no_bn.layers)
+    literal = build_cunet(input_shape=(32, 32, 1), z=2, output_from="input")
+    # I_out computed from cn_1 = I_in: a 1x1 convolution of the raw input
+    assert literal.get_layer("I_out").input.shape[-1] == 1
+
+
+def test_flops_and_layer_table(model):
+    assert 9.5e9 < forward_flops(model) < 10.5e9
+    table = layer_table(model)
+    assert sum(row["params"] for row in table) == model.count_params()
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    (dict(input_shape=(100, 100, 1)), "divisible by 16"),
+    (dict(z=0), "z (base filters)"),
+    (dict(z=-4), "z (base filters)"),
+    (dict(mu=(1, 2, 4)), "4 level multipliers"),
+    (dict(mu=(1, 2, 0, 8)), "positive ints"),
+    (dict(f_rate=1.5), "f_rate"),
+    (dict(p="valid"), "p='valid'"),
+    (dict(p="full"), "'same' or 'valid'"),
+    (dict(input_shape=(32, 32)), "height, width, channels"),
+    (dict(k=(3, 0)), "k must be"),
+    (dict(s=(1, 1)), "must equal the pool size"),
+    (dict(output_from="middle"), "output_from"),
+])
+def test_bad_arguments_raise_value_error(kwargs, fragment):
+    with pytest.raises(ValueError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+        build_cunet(**kwargs)

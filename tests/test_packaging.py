@@ -1,0 +1,53 @@
+"""Layout and environment: one dependency list, the top level the user asked for, CI = README's command."""
+import re
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _pyproject():
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def test_top_level_layout():
+    for name in ("notebooks", "kts", "environment.yml", "data_manifest.csv", "tests", "README.md", "LICENSE",
+                 "pyproject.toml", ".ci/run"):
+        assert (ROOT / name).exists(), name
+
+
+def test_environment_yml_installs_pyproject_and_nothing_else():
+    """environment.yml may pin python and pip; every other dependency comes from pyproject.toml."""
+    text = (ROOT / "environment.yml").read_text()
+    lines = [ln.split("#")[0].rstrip() for ln in text.splitlines()]
+    entries = [ln.strip()[2:].strip() for ln in lines if ln.strip().startswith("- ")]
+    assert "conda-forge" in entries
+    conda = [e for e in entries if e not in ("conda-forge", "pip", "pip:") and not e.startswith("-e")]
+    python_pins = [e for e in conda if e.startswith("python")]
+    assert len(python_pins) == 1 and conda == python_pins, f"conda dependencies beyond python: {conda}"
+    assert any(e in ("-e .", ".") for e in entries), "environment.yml must pip-install this package"
+    version = re.match(r"python[=<>]*(\d+\.\d+)", python_pins[0]).group(1)
+    requires = _pyproject()["project"]["requires-python"]
+    low = re.search(r">=\s*(\d+\.\d+)", requires).group(1)
+    high = re.search(r"<\s*(\d+\.\d+)", requires).group(1)
+    as_tuple = lambda v: tuple(int(x) for x in v.split("."))
+    assert as_tuple(low) <= as_tuple(version) < as_tuple(high)
+
+
+def test_stack_pins_the_issue_asks_for():
+    deps = {re.split(r"[<>=~\[ ]", d)[0].lower(): d for d in _pyproject()["project"]["dependencies"]}
+    assert deps["tensorflow"] == "tensorflow==2.20.0"
+    assert deps["tf-models-official"] == "tf-models-official==2.20.0"
+    for name in ("keras", "tf-keras", "numpy", "matplotlib", "pydicom", "scikit-image", "papermill", "nbval",
+                 "ipywidgets", "jupyterlab", "ipykernel"):
+        assert name in deps, name
+    assert "tensorflow-cpu" not in deps
+
+
+def test_ci_runs_readme_test_command_verbatim():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci/run").read_text()
+    commands = re.findall(r"```(?:bash|sh)\n(.*?)```", readme, flags=re.S)
+    test_command = [c.strip() for c in commands if "test" in c and c.strip().startswith("make")]
+    assert test_command, "README must show its test command in a bash block"
+    assert test_command[0] in ci.splitlines()

@@ -1,0 +1,126 @@
+"""The training recipe of section IV: it learns, it checkpoints, it resumes exactly, it distributes."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from kts import metrics, train
+
+
+def blobs(n, size=32, seed=0):
+    """Bright discs on a noisy background: a task a CU-Net learns in a few epochs."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    images, masks = [], []
+    for _ in range(n):
+        cy, cx, r = rng.uniform(10, size - 10), rng.uniform(10, size - 10), rng.uniform(4, 8)
+        mask = ((yy - cy) ** 2 + (xx - cx) ** 2) < r * r
+        images.append(np.clip(60 + 120 * mask + rng.normal(0, 15, mask.shape), 0, 255))
+        masks.append(mask.astype(np.uint8))
+    return np.array(images, np.float32), np.array(masks)
+
+
+QUICK = train.TrainConfig(epochs=8, batch_size=4, learning_rate=3e-3, early_stopping_patience=8,
+                          reduce_lr_patience=3)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return blobs(12, seed=1), blobs(4, seed=2)
+
+
+def test_training_drives_loss_down_and_iou_up(data, tmp_path):
+    (x, y), (vx, vy) = data
+    result = train.train_cunet((x, y), (vx, vy), tmp_path, model_kwargs=dict(z=4), config=QUICK, seed=3)
+    h = result.history
+    assert len(h) == QUICK.epochs
+    assert h["loss"].iloc[-1] < 0.7 * h["loss"].iloc[0]
+    assert h["iou"].iloc[-1] > h["iou"].iloc[0]
+    for name in (train.BEST_FILE, train.LAST_FILE, train.HISTORY_FILE, train.STATE_FILE):
+        assert (tmp_path / name).exists()
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
+    assert list(train.load_history(tmp_path).columns)[:1] == ["epoch"]
+    probabilities = train.predict_probabilities(result.model, vx)
+    assert probabilities.shape == vx.shape
+    assert metrics.summarise(probabilities > 0.5, vy)["mean_dice"] > 0.3
+
+
+def test_resume_ends_where_an_uninterrupted_run_ends(data, tmp_path):
+    (x, y), (vx, vy) = data
+    config = train.TrainConfig(epochs=4, batch_size=4, early_stopping_patience=5, reduce_lr_patience=1)
+    full = train.train_cunet((x, y), (vx, vy), tmp_path / "full", model_kwargs=dict(z=2), config=config, seed=5)
+    first = train.TrainConfig(**{**config.__dict__, "epochs": 2})
+    train.train_cunet((x, y), (vx, vy), tmp_path / "parts", model_kwargs=dict(z=2), config=first, seed=5)
+    resumed = train.train_cunet((x, y), (vx, vy), tmp_path / "parts", model_kwargs=dict(z=2), config=config,
+                                seed=5, resume=True)
+    assert len(resumed.history) == 4
+    np.testing.assert_allclose(resumed.history["loss"], full.history["loss"], rtol=1e-5)
+    for a, b in zip(full.model.get_weights(), resumed.model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_same_seed_same_weights(data, tmp_path):
+    (x, y), (vx, vy) = data
+    config = train.TrainConfig(epochs=2, batch_size=4)
+    a = train.train_cunet((x, y), (vx, vy), tmp_path / "a", model_kwargs=dict(z=2), config=config, seed=7)
+    b = train.train_cunet((x, y), (vx, vy), tmp_path / "b", model_kwargs=dict(z=2), config=config, seed=7)
+    for wa, wb in zip(a.model.get_weights(), b.model.get_weights()):
+        np.testing.assert_array_equal(wa, wb)
+
+
+def test_flip_doubles_the_set_exactly():
+    x, y = blobs(3)
+    ds = train.make_dataset(x, y, batch_size=1, seed=0, epochs=1)
+    seen = [b[0].numpy()[0, ..., 0] for b in ds]
+    assert len(seen) == 6
+    expected = {arr.tobytes() for arr in train.prepare_inputs(np.concatenate([x, np.flip(x, axis=2)]))[..., 0]}
+    assert {arr.tobytes() for arr in seen} == expected
+    fx, fy = train.flip_pairs(x, y, "vertical")
+    np.testing.assert_array_equal(fx[:, ::-1], x)
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    (dict(epochs=0), "epochs"),
+    (dict(batch_size=2.5), "batch_size"),
+    (dict(learning_rate=-1), "learning_rate"),
+    (dict(flip="diagonal"), "flip"),
+])
+def test_bad_config(kwargs, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        train.TrainConfig(**kwargs)
+
+
+def test_validation_set_required(data, tmp_path):
+    (x, y), _ = data
+    with pytest.raises(ValueError, match="validation set is required"):
+        train.train_cunet((x, y), None, tmp_path)
+    with pytest.raises(ValueError, match="validation set is empty"):
+        train.train_cunet((x, y), (x[:0], y[:0]), tmp_path)
+    with pytest.raises(ValueError, match="differ in shape"):
+        train.train_cunet((x, y[:, :16]), (x, y), tmp_path)
+    with pytest.raises(ValueError, match="seed"):
+        train.set_seed(-1)
+
+
+def test_mirrored_strategy_over_two_logical_cpus(tmp_path):
+    """Users who outgrow one machine pass a tf.distribute.Strategy; checked here on 2 logical CPUs."""
+    script = textwrap.dedent(f"""
+        import numpy as np, tensorflow as tf
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        from kts import train
+        rng = np.random.default_rng(0)
+        x = rng.uniform(0, 255, (8, 32, 32)).astype("float32"); y = (x > 128).astype("uint8")
+        strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+        assert strategy.num_replicas_in_sync == 2
+        r = train.train_cunet((x, y), (x[:2], y[:2]), r"{tmp_path}", model_kwargs=dict(z=2),
+                              config=train.TrainConfig(epochs=1, batch_size=4), strategy=strategy)
+        print("REPLICAS", strategy.num_replicas_in_sync, "EPOCHS", len(r.history))
+    """)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "REPLICAS 2 EPOCHS 1" in out.stdout
