@@ -53,8 +53,8 @@ PROFILES: dict[str, Profile] = {
     ),
     "quick": Profile(
         name="quick", n_cases=30, slices_per_case=1, difficulty="paper", image_size=128,
-        cunet_base_filters=8, cunet_epochs=12, cunet_batch_size=4,
-        early_stopping_patience=4, reduce_lr_patience=2,
+        cunet_base_filters=8, cunet_epochs=25, cunet_batch_size=4,
+        early_stopping_patience=8, reduce_lr_patience=4,
         maskrcnn_profile="quick", maskrcnn_steps=80, seeds=1,
     ),
 }
@@ -95,28 +95,37 @@ def check_parameters(values: dict[str, Any], expected: dict[str, type | tuple[ty
             raise ValueError(f"parameter {key} must be {names}; got {type(value).__name__} {value!r}")
 
 
-def _folder(env: str, default: str) -> Path:
-    return Path(os.environ.get(env, default)).expanduser()
+def project_root() -> Path:
+    """The kts checkout the user works in: the nearest folder above the working directory that
+    holds ``pyproject.toml`` and ``kts/`` (notebooks run from ``notebooks/``), else the working directory."""
+    here = Path.cwd().resolve()
+    for folder in (here, *here.parents):
+        if (folder / "pyproject.toml").is_file() and (folder / "kts").is_dir():
+            return folder
+    return here
+
+
+def _folder(env: str, default: str, profile: str | None) -> Path:
+    if os.environ.get(env):
+        return Path(os.environ[env]).expanduser()
+    base = project_root() / default
+    return base / profile if profile and profile != "paper" else base
 
 
 def data_dir() -> Path:
-    """Where generated and downloaded data live: ``$KTS_DATA_DIR`` or ``./data``."""
-    return _folder(DATA_ENV, "data")
+    """Where generated and downloaded data live: ``$KTS_DATA_DIR`` or ``<checkout>/data``."""
+    return _folder(DATA_ENV, "data", None)
 
 
-def results_dir() -> Path:
-    """Where figures and tables go: ``$KTS_RESULTS_DIR`` or ``./results``."""
-    return _folder(RESULTS_ENV, "results")
+def results_dir(profile: str | None = None) -> Path:
+    """Figures and tables: ``$KTS_RESULTS_DIR``, else ``<checkout>/results`` (paper profile) or
+    ``<checkout>/results/<profile>`` (so a quick run never overwrites the committed paper results)."""
+    return _folder(RESULTS_ENV, "results", profile)
 
 
-def work_dir() -> Path:
-    """Where checkpoints and histories go: ``$KTS_WORK_DIR`` or ``./work``."""
-    return _folder(WORK_ENV, "work")
-
-
-def project_root() -> Path:
-    """The repository root when kts is installed in development mode (``pip install -e .``)."""
-    return Path(__file__).resolve().parent.parent
+def work_dir(profile: str | None = None) -> Path:
+    """Checkpoints and histories: ``$KTS_WORK_DIR``, else ``<checkout>/work/<profile>``."""
+    return _folder(WORK_ENV, "work", profile or "paper")
 
 
 def versions() -> dict[str, str]:

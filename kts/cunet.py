@@ -41,12 +41,12 @@ def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
     return value  # type: ignore[return-value]
 
 
-def conv_block(x, filters: int, k, phi: str, p: str, batch_norm: bool, name: str):
+def conv_block(x, filters: int, k, phi: str, p: str, batch_norm: bool, name: str, momentum: float = 0.9):
     """Two ``con2D`` of Algorithm 1, each followed by batch norm and ``phi`` (section II.B)."""
     for j in (1, 2):
         x = layers.Conv2D(filters, k, padding=p, kernel_initializer="he_normal", name=f"{name}_conv{j}")(x)
         if batch_norm:
-            x = layers.BatchNormalization(name=f"{name}_bn{j}")(x)
+            x = layers.BatchNormalization(momentum=momentum, name=f"{name}_bn{j}")(x)
         x = layers.Activation(phi, name=f"{name}_{phi}{j}")(x)
     return x
 
@@ -62,6 +62,7 @@ def build_cunet(
     e: int | Sequence[int] = (2, 2),
     f_rate: float = 0.1,
     batch_norm: bool = True,
+    batch_norm_momentum: float = 0.9,
     transpose_activation: bool = True,
     output_from: str = "decoder",
     name: str = "cunet",
@@ -75,6 +76,9 @@ def build_cunet(
     ``C_i``, dropout, two convolutions with the filters of level ``i``. Output ``I_out``: a 1x1
     convolution with one filter and a sigmoid (kidney-with-tumour probability).
 
+    ``batch_norm_momentum``: 0.9 rather than Keras' 0.99, because with 30 images an epoch is
+    about ten steps and the slower moving averages would leave validation (inference-mode)
+    predictions many epochs behind training.
     ``transpose_activation``: Algorithm 1 lists ``phi`` among the arguments of ``con2DTrans``;
     ``True`` applies it (literal), ``False`` leaves the up-convolution linear (errata E6).
     ``output_from``: ``"decoder"`` (evident intent) or ``"input"``, the literal
@@ -111,6 +115,8 @@ def build_cunet(
         raise ValueError(f"p (padding) must be 'same' or 'valid', got {p!r}")
     if p == "valid":
         raise ValueError("p='valid' shrinks each convolution so skip connections no longer align; use p='same'")
+    if not 0.0 < float(batch_norm_momentum) < 1.0:
+        raise ValueError(f"batch_norm_momentum must be in (0, 1), got {batch_norm_momentum!r}")
     if output_from not in ("decoder", "input"):
         raise ValueError(f"output_from must be 'decoder' or 'input', got {output_from!r}")
 
@@ -119,12 +125,12 @@ def build_cunet(
     skips = []  # C_1..C_4
     # contracting path
     for i in range(1, levels + 1):
-        c_i = conv_block(x, z * mu[i - 1], k, phi, p, batch_norm, name=f"enc{i}")
+        c_i = conv_block(x, z * mu[i - 1], k, phi, p, batch_norm, f"enc{i}", batch_norm_momentum)
         skips.append(c_i)
         q_i = layers.MaxPooling2D(pool_size=e, name=f"enc{i}_pool")(c_i)
         x = layers.Dropout(f_rate, name=f"enc{i}_dropout")(q_i)
     # connected layers
-    c_m = conv_block(x, z * mu[levels - 1] * 2, k, phi, p, batch_norm, name="bottleneck")
+    c_m = conv_block(x, z * mu[levels - 1] * 2, k, phi, p, batch_norm, "bottleneck", batch_norm_momentum)
     # expansive path
     for i in range(levels, 0, -1):
         d_i = layers.Conv2DTranspose(z * mu[i - 1], k, strides=s, padding=p,
@@ -132,7 +138,7 @@ def build_cunet(
                                      kernel_initializer="he_normal", name=f"dec{i}_upconv")(c_m)
         d_i = layers.Concatenate(name=f"dec{i}_concat")([d_i, skips[i - 1]])
         d_i = layers.Dropout(f_rate, name=f"dec{i}_dropout")(d_i)
-        c_m = conv_block(d_i, z * mu[i - 1], k, phi, p, batch_norm, name=f"dec{i}")
+        c_m = conv_block(d_i, z * mu[i - 1], k, phi, p, batch_norm, f"dec{i}", batch_norm_momentum)
     source = c_m if output_from == "decoder" else inputs
     outputs = layers.Conv2D(1, (1, 1), padding=p, activation="sigmoid", name="I_out")(source)
     return keras.Model(inputs, outputs, name=name)

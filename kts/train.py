@@ -144,6 +144,20 @@ def steps_per_epoch(n_images: int, batch_size: int, augment: bool = True) -> int
     return -(-total // batch_size)
 
 
+def set_output_prior(model, masks, layer: str = "I_out") -> float:
+    """Start the sigmoid output at the training set's kidney fraction (Lin et al., 2017, "prior" init).
+
+    Kidneys cover about 2 % of a slice. From a zero bias (p = 0.5 everywhere) Adam moves the
+    output bias about one learning rate per step, so it would spend thousands of steps learning
+    "mostly background" before learning kidneys. Returns the prior used.
+    """
+    prior = float(np.clip(np.mean(np.asarray(masks) > 0), 1e-4, 0.5))
+    output = model.get_layer(layer)
+    if output.bias is not None:
+        output.bias.assign(np.full(output.bias.shape, np.log(prior / (1 - prior)), dtype="float32"))
+    return prior
+
+
 def compile_cunet(model, learning_rate: float) -> None:
     """Binary cross-entropy and Adam (section IV), with accuracy and foreground IoU as metrics (Table I)."""
     model.compile(
@@ -199,6 +213,7 @@ def train_cunet(train: tuple, validation: tuple | None, out_dir: str | os.PathLi
             model = keras.saving.load_model(out_dir / LAST_FILE, safe_mode=True)
         else:
             model = build_cunet(**kwargs)
+            set_output_prior(model, masks)
             compile_cunet(model, config.learning_rate)
 
     first_epoch = state["epoch"] if state else 0
