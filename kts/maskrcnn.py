@@ -1,0 +1,625 @@
+"""Mask R-CNN tumour instance segmentation inside kidney regions (section III.B, Fig. 4).
+
+The paper's second stage: a Mask R-CNN [13] (RPN proposals, ROI Align, box/class head
+and an FCN mask head) that delineates tumour instances in kidney images. kts does not
+re-implement Mask R-CNN: :class:`TumorMaskRCNN` wraps the maintained TF2 implementation
+of the TensorFlow Model Garden (``tf-models-official``, ``official.vision``) in a small,
+CPU-sized configuration with two classes (background, tumour) and no pretrained weights.
+
+Model Garden builds ``tf_keras`` (Keras 2) models; every ``tf_keras`` and ``official``
+import of kts lives in this file (and only inside functions), the rest of kts is Keras 3.
+
+Pitfalls handled here (each cost someone an afternoon):
+
+* Model Garden's parser normalises with ImageNet mean/std; :meth:`TumorMaskRCNN.predict`
+  calls the very same ``preprocess_ops`` functions.
+* Weights go through ``tf.train.Checkpoint`` (``.h5`` reloads into a rebuilt model
+  silently load wrong values), with the config as JSON beside them.
+* ``mask_ops.paste_instance_masks`` takes xywh boxes; detections come as yxyx.
+* Batch norm momentum is 0.9, not COCO's 0.997: after a few hundred steps from scratch
+  the 0.997 moving averages still remember their initial values and inference breaks.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from kts.io import write_json
+
+LOSS_NAMES = ("total_loss", "rpn_score_loss", "rpn_box_loss", "frcnn_cls_loss", "frcnn_box_loss", "mask_loss")
+CONFIG_FILE = "maskrcnn_config.json"
+CHECKPOINT_PREFIX = "weights"
+FLIP_MODES = ("double", "dihedral", "random", "none")
+OPTIMIZERS = ("adam", "sgd")
+LR_SCHEDULES = ("constant", "cosine")
+BACKBONES = ("resnet18", "mobilenetv2")
+PREDICT_BATCH = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskRCNNConfig:
+    """Size of the Mask R-CNN (section III.B) and of its training recipe (section IV).
+
+    ``paper()``: ResNet-18 + FPN at 128x128 kidney crops, batch 2. ``quick()``:
+    MobileNetV2 (width 0.5) at 64x64 crops, batch 4. Sizes in pixels of the crop.
+    ``flip``: ``"double"`` adds a horizontally flipped copy of every training crop (the
+    paper's "2x" augmentation, section IV), ``"random"`` flips each sample with p=0.5
+    (Model Garden's ``aug_rand_hflip``), ``"none"`` trains on the crops as given.
+    """
+
+    name: str = "custom"
+    backbone: str = "resnet18"
+    mobilenet_width: float = 0.5
+    crop_size: int = 128
+    batch_size: int = 2
+    min_level: int = 2
+    max_level: int = 5
+    anchor_size: float = 3.0
+    aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
+    num_scales: int = 1
+    fpn_filters: int = 64
+    rpn_filters: int = 64
+    fc_dims: int = 256
+    pre_nms_top_k: int = 1000
+    num_proposals: int = 256
+    test_num_proposals: int = 100
+    num_sampled_rois: int = 64
+    mask_convs: int = 2
+    mask_filters: int = 64
+    mask_crop_size: int = 56
+    batched_nms: bool = True
+    max_instances: int = 20
+    max_detections: int = 20
+    norm_momentum: float = 0.9
+    learning_rate: float = 1e-3
+    warmup_steps: int = 20
+    optimizer: str = "adam"
+    lr_schedule: str = "constant"
+    rpn_match_threshold: float = 0.7
+    rpn_unmatched_threshold: float = 0.3
+    rpn_batch_size_per_im: int = 256
+    roi_foreground_fraction: float = 0.25
+    mask_loss_weight: float = 1.0
+    flip: str = "double"
+
+    def __post_init__(self) -> None:
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"backbone must be one of {BACKBONES}; got {self.backbone!r}")
+        if self.flip not in FLIP_MODES:
+            raise ValueError(f"flip must be one of {FLIP_MODES}; got {self.flip!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}; got {self.optimizer!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}; got {self.lr_schedule!r}")
+        if not 0.0 <= self.rpn_unmatched_threshold <= self.rpn_match_threshold <= 1.0:
+            raise ValueError("need 0 <= rpn_unmatched_threshold <= rpn_match_threshold <= 1; got "
+                             f"{self.rpn_unmatched_threshold}, {self.rpn_match_threshold}")
+        stride = 2 ** self.max_level
+        if self.crop_size <= 0 or self.crop_size % stride:
+            raise ValueError(
+                f"crop_size must be a positive multiple of 2**max_level = {stride}; got {self.crop_size}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1; got {self.batch_size}")
+        object.__setattr__(self, "aspect_ratios", tuple(float(a) for a in self.aspect_ratios))
+
+    @classmethod
+    def paper(cls) -> "MaskRCNNConfig":
+        """ResNet-18 FPN Mask R-CNN on 128x128 kidney crops, batch 2 (paper profile)."""
+        return cls(name="paper", backbone="resnet18", crop_size=128, batch_size=2)
+
+    @classmethod
+    def quick(cls) -> "MaskRCNNConfig":
+        """MobileNetV2 (width 0.5) on 64x64 crops, batch 4 (quick profile for CI)."""
+        return cls(name="quick", backbone="mobilenetv2", crop_size=64, batch_size=4,
+                   anchor_size=2.0, pre_nms_top_k=300, num_proposals=64, test_num_proposals=50,
+                   num_sampled_rois=32, mask_crop_size=28, learning_rate=2e-3)
+
+    @classmethod
+    def from_profile(cls, name: str) -> "MaskRCNNConfig":
+        """``"paper"`` or ``"quick"`` (see :mod:`kts.config` profiles)."""
+        makers = {"paper": cls.paper, "quick": cls.quick}
+        if name not in makers:
+            raise ValueError(f"unknown Mask R-CNN profile {name!r}: choose one of {sorted(makers)}")
+        return makers[name]()
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["aspect_ratios"] = list(self.aspect_ratios)
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "MaskRCNNConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown Mask R-CNN config keys {unknown}; known keys are {sorted(known)}")
+        return cls(**values)
+
+    def architecture(self) -> dict[str, Any]:
+        """The fields that fix the shapes of the weights (a checkpoint needs all equal)."""
+        keys = ("backbone", "mobilenet_width", "crop_size", "min_level", "max_level", "aspect_ratios",
+                "num_scales", "fpn_filters", "rpn_filters", "fc_dims", "mask_convs", "mask_filters")
+        d = self.to_dict()
+        return {k: d[k] for k in keys}
+
+
+# ----------------------------------------------------------------------------- input checks
+
+def _as_crops(images: Any, crop_size: int, what: str = "images") -> np.ndarray:
+    """Greyscale crops [N, S, S] as float32 in 0..255 (uint8 or float input)."""
+    arr = np.asarray(images)
+    if arr.ndim == 2:
+        arr = arr[None]
+    if arr.ndim != 3:
+        raise ValueError(
+            f"{what} must be greyscale crops of shape [N, {crop_size}, {crop_size}] (or one "
+            f"[{crop_size}, {crop_size}] crop); got shape {arr.shape}")
+    if arr.shape[1:] != (crop_size, crop_size):
+        raise ValueError(
+            f"{what} must be {crop_size}x{crop_size} (the config's crop_size); got {arr.shape[1]}x{arr.shape[2]}. "
+            "Cut kidney crops with kts.cascade.extract_crops(..., crop_size) first")
+    if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
+        raise ValueError(f"{what} must be numeric; got dtype {arr.dtype}")
+    arr = arr.astype(np.float32)
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{what} contain NaN or infinite values")
+    if arr.size and (arr.min() < -0.5 or arr.max() > 255.5):  # tolerate resampling round-off
+        raise ValueError(
+            f"{what} must hold intensities in 0..255 (uint8 or float); got {arr.min():.4g}..{arr.max():.4g}. "
+            "Map raw MR values with kts.data.normalise first")
+    return np.clip(arr, 0.0, 255.0)
+
+
+def _as_label_maps(label_maps: Any, shape: tuple[int, ...], what: str = "instance_label_maps") -> np.ndarray:
+    arr = np.asarray(label_maps)
+    if arr.ndim == 2:
+        arr = arr[None]
+    if arr.shape != shape:
+        raise ValueError(f"{what} must have the images' shape {shape}; got {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.integer):
+        if not np.all(np.equal(np.mod(arr, 1), 0)):
+            raise ValueError(f"{what} must hold integer instance labels (0 background, 1..n); got dtype {arr.dtype}")
+    if arr.min(initial=0) < 0:
+        raise ValueError(f"{what} must hold labels >= 0 (0 background, 1..n instances)")
+    return arr.astype(np.int32)
+
+
+def _instances(label_map: np.ndarray, max_instances: int) -> tuple[np.ndarray, np.ndarray]:
+    """Instance ids and normalised yxyx boxes of one crop label map (largest first if too many)."""
+    ids = np.unique(label_map)
+    ids = ids[ids > 0]
+    h, w = label_map.shape
+    boxes, areas = [], []
+    for i in ids:
+        rows, cols = np.nonzero(label_map == i)
+        boxes.append([rows.min() / h, cols.min() / w, (rows.max() + 1) / h, (cols.max() + 1) / w])
+        areas.append(rows.size)
+    if len(ids) > max_instances:
+        keep = np.sort(np.argsort(areas, kind="stable")[::-1][:max_instances])
+        ids, boxes = ids[keep], [boxes[k] for k in keep]
+    return ids.astype(np.int32), np.asarray(boxes, np.float32).reshape(-1, 4)
+
+
+# ----------------------------------------------------------------------------- the model
+
+class TumorMaskRCNN:
+    """Model Garden Mask R-CNN for tumour instances in kidney crops (section III.B).
+
+    >>> model = TumorMaskRCNN(MaskRCNNConfig.quick())
+    >>> history = model.fit(crops, crop_labels, steps=300, seed=0)
+    >>> detections = model.predict(test_crops)        # boxes, scores, masks per crop
+    >>> labels = model.predict_labels(test_crops)     # uint16 instance label maps
+    """
+
+    def __init__(self, config: MaskRCNNConfig | None = None, seed: int = 0):
+        self.config = config if config is not None else MaskRCNNConfig.paper()
+        if not isinstance(self.config, MaskRCNNConfig):
+            raise ValueError(f"config must be a MaskRCNNConfig; got {type(self.config).__name__}")
+        self.seed = seed
+        self.history: list[dict[str, float]] = []
+        self.timing: dict[str, float] = {}
+        self._task = None
+        self._model = None
+        self._predict_fn = None
+
+    # -- building ------------------------------------------------------------------------
+    def task_config(self):
+        """The Model Garden ``MaskRCNNTask`` config this wrapper builds (for inspection)."""
+        from official.vision.configs import backbones as bb
+        from official.vision.configs import common, decoders
+        from official.vision.configs import maskrcnn as cfg
+
+        c = self.config
+        if c.backbone == "resnet18":
+            backbone = bb.Backbone(type="resnet", resnet=bb.ResNet(model_id=18))
+        else:
+            backbone = bb.Backbone(type="mobilenet", mobilenet=bb.MobileNet(
+                model_id="MobileNetV2", filter_size_scale=c.mobilenet_width))
+        model = cfg.MaskRCNN(
+            num_classes=2,
+            input_size=[c.crop_size, c.crop_size, 3],
+            min_level=c.min_level, max_level=c.max_level,
+            anchor=cfg.Anchor(num_scales=c.num_scales, aspect_ratios=list(c.aspect_ratios),
+                              anchor_size=c.anchor_size),
+            include_mask=True,
+            backbone=backbone,
+            decoder=decoders.Decoder(type="fpn", fpn=decoders.FPN(num_filters=c.fpn_filters)),
+            rpn_head=cfg.RPNHead(num_convs=1, num_filters=c.rpn_filters),
+            detection_head=cfg.DetectionHead(num_convs=0, num_fcs=1, fc_dims=c.fc_dims),
+            roi_generator=cfg.ROIGenerator(
+                pre_nms_top_k=c.pre_nms_top_k, num_proposals=c.num_proposals,
+                test_pre_nms_top_k=c.pre_nms_top_k // 2, test_num_proposals=c.test_num_proposals,
+                use_batched_nms=c.batched_nms),
+            roi_sampler=cfg.ROISampler(num_sampled_rois=c.num_sampled_rois,
+                                       foreground_fraction=c.roi_foreground_fraction),
+            detection_generator=cfg.DetectionGenerator(
+                pre_nms_top_k=c.pre_nms_top_k // 2, max_num_detections=c.max_detections, use_cpu_nms=False),
+            mask_head=cfg.MaskHead(num_convs=c.mask_convs, num_filters=c.mask_filters),
+            mask_sampler=cfg.MaskSampler(num_sampled_masks=c.num_sampled_rois // 2),
+            norm_activation=common.NormActivation(norm_momentum=c.norm_momentum, norm_epsilon=1e-4,
+                                                  use_sync_bn=False),
+        )
+        parser = cfg.Parser(aug_rand_hflip=(c.flip == "random"), max_num_instances=c.max_instances,
+                            mask_crop_size=c.mask_crop_size, rpn_match_threshold=c.rpn_match_threshold,
+                            rpn_unmatched_threshold=c.rpn_unmatched_threshold,
+                            rpn_batch_size_per_im=c.rpn_batch_size_per_im)
+        return cfg.MaskRCNNTask(
+            model=model,
+            train_data=cfg.DataConfig(is_training=True, global_batch_size=c.batch_size, dtype="float32",
+                                      parser=parser),
+            losses=cfg.Losses(mask_weight=c.mask_loss_weight),
+            use_coco_metrics=False,
+        )
+
+    def _build(self, seed: int) -> None:
+        import tensorflow as tf
+        import tf_keras
+        from official.vision.tasks.maskrcnn import MaskRCNNTask
+
+        tf_keras.utils.set_random_seed(seed)
+        self._task = MaskRCNNTask(self.task_config())
+        self._model = self._task.build_model()
+        self._predict_fn = None
+
+    @property
+    def model(self):
+        """The underlying ``tf_keras`` Model Garden ``MaskRCNNModel`` (built on first use)."""
+        if self._model is None:
+            self._build(self.seed)
+        return self._model
+
+    def _parser(self):
+        from official.vision.dataloaders import maskrcnn_input
+
+        c = self.config
+        p = self._task.task_config.train_data.parser
+        return maskrcnn_input.Parser(
+            output_size=[c.crop_size, c.crop_size], min_level=c.min_level, max_level=c.max_level,
+            num_scales=c.num_scales, aspect_ratios=list(c.aspect_ratios), anchor_size=c.anchor_size,
+            rpn_match_threshold=p.rpn_match_threshold, rpn_unmatched_threshold=p.rpn_unmatched_threshold,
+            rpn_batch_size_per_im=p.rpn_batch_size_per_im, rpn_fg_fraction=p.rpn_fg_fraction,
+            aug_rand_hflip=p.aug_rand_hflip, skip_crowd_during_training=True,
+            max_num_instances=c.max_instances, include_mask=True, mask_crop_size=c.mask_crop_size,
+            dtype="float32")
+
+    def _dataset(self, crops: np.ndarray, labels: np.ndarray, seed: int):
+        """In-memory ``tf.data`` of the parser's "decoded" dicts through ``parse_fn(True)``."""
+        import tensorflow as tf
+
+        c = self.config
+        k = c.max_instances
+        n, s, _ = crops.shape
+        ids = np.zeros((n, k), np.int32)
+        boxes = np.zeros((n, k, 4), np.float32)
+        counts = np.zeros(n, np.int32)
+        for j in range(n):
+            i, b = _instances(labels[j], k)
+            ids[j, : len(i)], boxes[j, : len(i)], counts[j] = i, b, len(i)
+
+        def decode(image, label, inst_ids, inst_boxes, count, index):
+            inst_ids = inst_ids[:count]
+            masks = tf.cast(tf.equal(label[None], inst_ids[:, None, None]), tf.float32)
+            image01 = tf.tile(image[..., None] / 255.0, [1, 1, 3])
+            return {
+                "source_id": tf.strings.as_string(index),
+                "image": image01,  # float in [0, 1]: normalize_image then uses MEAN_NORM/STDDEV_NORM
+                "height": tf.constant(s, tf.int64), "width": tf.constant(s, tf.int64),
+                "groundtruth_boxes": inst_boxes[:count],
+                "groundtruth_classes": tf.ones([count], tf.int64),
+                "groundtruth_is_crowd": tf.zeros([count], tf.bool),
+                "groundtruth_area": tf.reduce_sum(masks, axis=[1, 2]),
+                "groundtruth_instance_masks": masks,
+            }
+
+        parse = self._parser().parse_fn(is_training=True)
+        ds = tf.data.Dataset.from_tensor_slices(
+            (crops, labels, ids, boxes, counts, np.arange(n, dtype=np.int64)))
+        ds = ds.shuffle(n, seed=seed, reshuffle_each_iteration=True).repeat()
+        # Sequential map: the parser's stateful random ops (flip, RPN anchor sampling) then
+        # see the elements in one fixed order, so a seed gives one sequence of batches.
+        ds = ds.map(decode).map(parse)
+        ds = ds.batch(c.batch_size, drop_remainder=True)
+        return ds.prefetch(2)
+
+    # -- training ------------------------------------------------------------------------
+    def fit(self, images: Any, instance_label_maps: Any, steps: int = 300,
+            validation: tuple[Any, Any] | None = None, seed: int = 0, progress: bool = True,
+            validate_every: int = 100, deterministic: bool = True) -> list[dict[str, float]]:
+        """Train from scratch on kidney crops and their tumour instance label maps (section IV).
+
+        Losses per step are Model Garden's own (``MaskRCNNTask.train_step``): total, RPN
+        score/box, Fast R-CNN class/box, mask. With ``validation=(crops, label_maps)``, every
+        ``validate_every`` steps (and at the end) the history also gets instance precision,
+        recall and F1 at IoU 0.5 on those crops. Crops without tumour are negatives.
+        Returns the history (one dict per step); ``self.timing`` gets seconds per step and
+        the cost of the first (tracing) step.
+        """
+        import tensorflow as tf
+        import tf_keras
+        from tqdm.auto import tqdm
+
+        if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 1:
+            raise ValueError(f"steps must be a positive integer; got {steps!r}")
+        c = self.config
+        crops = _as_crops(images, c.crop_size)
+        labels = _as_label_maps(instance_label_maps, crops.shape)
+        if len(crops) < 1:
+            raise ValueError("fit needs at least one training crop")
+        if validation is not None:
+            if not (isinstance(validation, (tuple, list)) and len(validation) == 2):
+                raise ValueError("validation must be a pair (crops, instance_label_maps) or None")
+            val_crops = _as_crops(validation[0], c.crop_size, "validation crops")
+            val_labels = _as_label_maps(validation[1], val_crops.shape, "validation label maps")
+        if c.flip == "double":
+            crops = np.concatenate([crops, crops[:, :, ::-1]])
+            labels = np.concatenate([labels, labels[:, :, ::-1]])
+        elif c.flip == "dihedral":  # the 8 flips/quarter turns of every crop
+            crops, labels = _dihedral(crops), _dihedral(labels)
+        if deterministic:
+            tf.config.experimental.enable_op_determinism()
+        self.seed = seed
+        self._build(seed)  # seeds python, numpy and TF, then builds fresh weights
+        task, model = self._task, self._model
+        schedule = _WarmupSchedule(c.learning_rate, c.warmup_steps, int(steps), c.lr_schedule)
+        if c.optimizer == "sgd":
+            optimizer = tf_keras.optimizers.SGD(learning_rate=schedule, momentum=0.9, clipnorm=10.0)
+        else:
+            optimizer = tf_keras.optimizers.Adam(learning_rate=schedule, clipnorm=10.0)
+        metrics = task.build_metrics(training=True)
+        by_name = {m.name: m for m in metrics}
+
+        @tf.function
+        def train_step(inputs):
+            for m in metrics:
+                m.reset_state()
+            task.train_step(inputs, model, optimizer, metrics)
+            return {name: by_name[name].result() for name in LOSS_NAMES}
+
+        iterator = iter(self._dataset(crops, labels, seed))
+        self.history = []
+        bar = tqdm(range(int(steps)), desc=f"Mask R-CNN ({c.name})", disable=not progress, leave=False)
+        start = time.perf_counter()
+        first = None
+        for step in bar:
+            t0 = time.perf_counter()
+            logs = {k: float(v.numpy()) for k, v in train_step(next(iterator)).items()}
+            if first is None:
+                first = time.perf_counter() - t0
+            if not np.isfinite(logs["total_loss"]):
+                raise FloatingPointError(
+                    f"Mask R-CNN loss became {logs['total_loss']} at step {step + 1}; lower learning_rate")
+            record = {"step": step + 1, **logs}
+            if validation is not None and ((step + 1) % validate_every == 0 or step + 1 == steps):
+                record.update({f"val_{k}": v for k, v in self.evaluate(val_crops, val_labels).items()})
+            self.history.append(record)
+            bar.set_postfix(loss=f"{logs['total_loss']:.3f}")
+        total = time.perf_counter() - start
+        rest = max(int(steps) - 1, 1)
+        self.timing = {"first_step_s": first or 0.0, "seconds_per_step": (total - (first or 0.0)) / rest,
+                       "total_s": total, "steps": int(steps)}
+        self._predict_fn = None
+        return self.history
+
+    def evaluate(self, images: Any, instance_label_maps: Any, score_threshold: float = 0.5,
+                 iou_threshold: float = 0.5) -> dict[str, float]:
+        """Instance precision, recall, F1 (IoU >= ``iou_threshold``) and mean Dice on crops."""
+        from kts import metrics
+
+        crops = _as_crops(images, self.config.crop_size)
+        gt = _as_label_maps(instance_label_maps, crops.shape)
+        pred = self.predict_labels(crops, score_threshold=score_threshold)
+        scores = metrics.instance_scores(list(pred), list(gt), iou_threshold=iou_threshold)
+        dice = float(np.mean([metrics.dice(p > 0, g > 0) for p, g in zip(pred, gt)]))
+        return {"precision": float(scores["precision"]), "recall": float(scores["recall"]),
+                "f1": float(scores["f1"]), "dice": dice}
+
+    # -- inference -----------------------------------------------------------------------
+    def _get_predict_fn(self):
+        import tensorflow as tf
+        from official.vision.ops import preprocess_ops
+
+        if self._predict_fn is not None:
+            return self._predict_fn
+        model, s = self.model, self.config.crop_size
+
+        def preprocess(image):  # [S, S] in 0..255, exactly as the training parser does
+            image = tf.tile(image[..., None] / 255.0, [1, 1, 3])
+            image = preprocess_ops.normalize_image(image)
+            image, info = preprocess_ops.resize_and_crop_image(
+                image, [s, s], padded_size=[s, s], aug_scale_min=1.0, aug_scale_max=1.0)
+            return image, info
+
+        # One fixed input shape (batches padded to PREDICT_BATCH): one trace, and the same
+        # graph, hence bit-identical outputs, whatever was predicted before.
+        @tf.function(input_signature=[tf.TensorSpec([PREDICT_BATCH, s, s], tf.float32)])
+        def predict_fn(images):
+            batch, info = tf.map_fn(preprocess, images, fn_output_signature=(
+                tf.TensorSpec([s, s, 3], tf.float32), tf.TensorSpec([4, 2], tf.float32)))
+            out = model(batch, image_shape=info[:, 1, :], training=False)
+            return {k: out[k] for k in ("detection_boxes", "detection_scores", "detection_classes",
+                                        "num_detections", "detection_masks")}
+
+        self._predict_fn = predict_fn
+        return predict_fn
+
+    def predict(self, images: Any, score_threshold: float = 0.5) -> list[dict[str, np.ndarray]]:
+        """Tumour instances per crop: ``boxes`` [n,4] yxyx pixels, ``scores`` [n], ``masks`` [n,S,S] bool.
+
+        Section III.B: RPN proposals, ROI Align, class/box head, FCN mask head; the
+        28x28 mask probabilities are pasted into the box and thresholded at 0.5.
+        """
+        import tensorflow as tf
+        from official.vision.ops import mask_ops
+
+        if not 0.0 <= float(score_threshold) <= 1.0:
+            raise ValueError(f"score_threshold must be in [0, 1]; got {score_threshold}")
+        s = self.config.crop_size
+        crops = _as_crops(images, s)
+        fn = self._get_predict_fn()
+        results: list[dict[str, np.ndarray]] = []
+        for start in range(0, len(crops), PREDICT_BATCH):
+            chunk = crops[start:start + PREDICT_BATCH]
+            padded = np.zeros((PREDICT_BATCH, s, s), np.float32)
+            padded[: len(chunk)] = chunk
+            out = {k: v.numpy() for k, v in fn(tf.constant(padded)).items()}
+            for j in range(len(chunk)):
+                n = int(out["num_detections"][j])
+                keep = (out["detection_scores"][j, :n] >= score_threshold) & (out["detection_classes"][j, :n] == 1)
+                boxes = out["detection_boxes"][j, :n][keep].astype(np.float32)
+                scores = out["detection_scores"][j, :n][keep].astype(np.float32)
+                order = np.argsort(-scores, kind="stable")
+                boxes, scores = boxes[order], scores[order]
+                probs = out["detection_masks"][j, :n][keep][order]
+                if len(boxes):
+                    xywh = np.stack([boxes[:, 1], boxes[:, 0], boxes[:, 3] - boxes[:, 1],
+                                     boxes[:, 2] - boxes[:, 0]], axis=1)
+                    masks = mask_ops.paste_instance_masks(probs, xywh, s, s).astype(bool)
+                else:
+                    masks = np.zeros((0, s, s), bool)
+                results.append({"boxes": boxes, "scores": scores, "masks": masks})
+        return results
+
+    def predict_labels(self, images: Any, score_threshold: float = 0.5, min_pixels: int = 1) -> np.ndarray:
+        """uint16 instance label maps [N,S,S]: instances 1..n by score; higher score wins overlaps."""
+        dets = self.predict(images, score_threshold=score_threshold)
+        s = self.config.crop_size
+        return np.stack([detections_to_labels(d, (s, s), min_pixels) for d in dets]) if dets else \
+            np.zeros((0, s, s), np.uint16)
+
+    # -- persistence ---------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``path/weights-*`` (``tf.train.Checkpoint``) and ``path/maskrcnn_config.json``."""
+        import tensorflow as tf
+
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        ckpt = tf.train.Checkpoint(model=self.model)
+        # A checkpoint is several files: write them into a temporary folder beside the
+        # target, then rename each into place; the config JSON is written last, so a
+        # folder with a JSON always holds a complete checkpoint.
+        (folder / CONFIG_FILE).unlink(missing_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".weights.", dir=folder))
+        try:
+            ckpt.write(str(tmp / CHECKPOINT_PREFIX))
+            for old in folder.glob(f"{CHECKPOINT_PREFIX}.*"):
+                old.unlink()
+            for f in sorted(tmp.iterdir()):
+                os.replace(f, folder / f.name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        write_json(folder / CONFIG_FILE, {"config": self.config.to_dict(), "seed": self.seed,
+                                          "history_tail": self.history[-1:] if self.history else []})
+        return folder
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, config: MaskRCNNConfig | None = None) -> "TumorMaskRCNN":
+        """Rebuild from :meth:`save` output; ``config`` (if given) must match the saved one."""
+        import tensorflow as tf
+
+        from kts.errors import KtsInputError
+
+        folder = Path(path)
+        cfg_file = folder / CONFIG_FILE
+        if not cfg_file.is_file():
+            raise KtsInputError(folder, f"no {CONFIG_FILE} here; save a model with TumorMaskRCNN.save(path) first")
+        try:
+            saved = json.loads(cfg_file.read_text(encoding="utf-8"))
+            saved_config = MaskRCNNConfig.from_dict(saved["config"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise KtsInputError(cfg_file, f"not a Mask R-CNN config written by kts ({exc})") from None
+        if config is not None and config.architecture() != saved_config.architecture():
+            diff = {k: (v, saved_config.architecture()[k]) for k, v in config.architecture().items()
+                    if v != saved_config.architecture()[k]}
+            raise ValueError(
+                f"{folder}: checkpoint was made with config {saved_config.name!r} and cannot load into "
+                f"config {config.name!r}; differing fields (requested, saved): {diff}")
+        if not (folder / f"{CHECKPOINT_PREFIX}.index").is_file():
+            raise KtsInputError(folder, f"no checkpoint {CHECKPOINT_PREFIX}.index here; the save was incomplete")
+        obj = cls(config if config is not None else saved_config, seed=int(saved.get("seed", 0)))
+        model = obj.model
+        try:
+            status = tf.train.Checkpoint(model=model).read(str(folder / CHECKPOINT_PREFIX))
+            status.assert_existing_objects_matched()
+        except (AssertionError, ValueError, tf.errors.OpError) as exc:
+            raise ValueError(
+                f"{folder}: checkpoint weights do not fit config {obj.config.name!r} "
+                f"({obj.config.architecture()}): {str(exc).splitlines()[0][:300]}") from None
+        status.expect_partial()
+        return obj
+
+
+def detections_to_labels(detections: dict[str, np.ndarray], shape: Sequence[int], min_pixels: int = 1) -> np.ndarray:
+    """One crop's detections -> uint16 label map; paint lowest score first so the highest wins."""
+    out = np.zeros(tuple(shape), np.uint16)
+    masks, scores = detections["masks"], np.asarray(detections["scores"])
+    order = np.argsort(scores, kind="stable")  # ascending: later (higher) overwrite
+    painted = np.zeros(tuple(shape), np.int32)
+    for rank, k in enumerate(order, start=1):
+        painted[masks[k]] = rank
+    label = 0
+    for rank in range(len(order), 0, -1):  # relabel by descending score, drop tiny leftovers
+        region = painted == rank
+        if region.sum() >= min_pixels:
+            label += 1
+            out[region] = label
+    return out
+
+
+def _dihedral(stack: np.ndarray) -> np.ndarray:
+    """The 8 images of each [N,S,S] item under quarter turns and horizontal flips, stacked."""
+    turns = [np.rot90(stack, k, axes=(1, 2)) for k in range(4)]
+    return np.ascontiguousarray(np.concatenate(turns + [t[:, :, ::-1] for t in turns]))
+
+
+class _WarmupSchedule:
+    """Linear warm-up, then a constant or cosine-decayed rate (a tf_keras LearningRateSchedule)."""
+
+    def __new__(cls, rate: float, warmup_steps: int, total_steps: int = 0, kind: str = "constant"):
+        import math
+
+        import tensorflow as tf
+        import tf_keras
+
+        class Schedule(tf_keras.optimizers.schedules.LearningRateSchedule):
+            def __call__(self, step):
+                step = tf.cast(step, tf.float32)
+                value = tf.constant(rate, tf.float32)
+                if kind == "cosine" and total_steps > warmup_steps:
+                    t = tf.clip_by_value((step - warmup_steps) / float(total_steps - warmup_steps), 0.0, 1.0)
+                    value = value * 0.5 * (1.0 + tf.cos(math.pi * t))
+                if warmup_steps <= 0:
+                    return value
+                return value * tf.minimum(1.0, (step + 1.0) / float(warmup_steps))
+
+            def get_config(self):
+                return {"rate": rate, "warmup_steps": warmup_steps, "total_steps": total_steps, "kind": kind}
+
+        return Schedule()

@@ -1,0 +1,162 @@
+"""Tests for kts.maskrcnn (section III.B): config, input checks, training, save/load.
+
+The fast tests never build a TensorFlow model. The ``slow`` tests share one short
+training run (quick profile, synthetic bright blobs in kidney-like ellipses).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from kts.errors import KtsInputError
+from kts.maskrcnn import MaskRCNNConfig, TumorMaskRCNN, detections_to_labels
+
+TRAIN_STEPS = 200
+
+
+def blob_crops(n: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Kidney-like ellipse with 0-2 bright round tumours per crop, noise; uint16 instance labels."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    images = np.zeros((n, size, size), np.float32)
+    labels = np.zeros((n, size, size), np.uint16)
+    for i in range(n):
+        kidney = ((yy - size / 2) / (0.42 * size)) ** 2 + ((xx - size / 2) / (0.3 * size)) ** 2 < 1
+        image = 40 + 60 * kidney + rng.normal(0, 8, (size, size))
+        for j in range(int(rng.integers(0, 3))):
+            r = rng.uniform(0.08, 0.14) * size
+            cy, cx = rng.uniform(0.3 * size, 0.7 * size), rng.uniform(0.35 * size, 0.65 * size)
+            disc = ((yy - cy) ** 2 + (xx - cx) ** 2 < r * r) & (labels[i] == 0)
+            image[disc] = 170 + rng.normal(0, 8, disc.sum())
+            labels[i][disc] = j + 1
+        images[i] = np.clip(image, 0, 255)
+    return images, labels
+
+
+# ----------------------------------------------------------------------------- fast
+
+def test_profiles_and_config_validation():
+    quick, paper = MaskRCNNConfig.quick(), MaskRCNNConfig.paper()
+    assert paper.backbone == "resnet18" and paper.crop_size == 128 and paper.batch_size == 2
+    assert quick.backbone == "mobilenetv2" and quick.crop_size % 2 ** quick.max_level == 0
+    assert MaskRCNNConfig.from_profile("quick") == quick
+    assert MaskRCNNConfig.from_dict(json.loads(json.dumps(paper.to_dict()))) == paper
+    with pytest.raises(ValueError, match="unknown Mask R-CNN profile"):
+        MaskRCNNConfig.from_profile("fast")
+    with pytest.raises(ValueError, match="multiple of 2\\*\\*max_level = 32"):
+        MaskRCNNConfig(crop_size=100)
+    with pytest.raises(ValueError, match="flip"):
+        MaskRCNNConfig(flip="vertical")
+
+
+def test_input_validation_before_any_model_is_built():
+    model = TumorMaskRCNN(MaskRCNNConfig.quick())
+    good = np.zeros((2, 64, 64), np.float32)
+    with pytest.raises(ValueError, match="must be 64x64"):
+        model.fit(np.zeros((2, 128, 128)), np.zeros((2, 128, 128)), steps=1)
+    with pytest.raises(ValueError, match="shape"):
+        model.fit(np.zeros((2, 64, 64, 3)), np.zeros((2, 64, 64)), steps=1)
+    with pytest.raises(ValueError, match="images' shape"):
+        model.fit(good, np.zeros((3, 64, 64), np.uint16), steps=1)
+    with pytest.raises(ValueError, match="0..255"):
+        model.fit(good + 1000.0, np.zeros((2, 64, 64), np.uint16), steps=1)
+    with pytest.raises(ValueError, match="steps"):
+        model.fit(good, np.zeros((2, 64, 64), np.uint16), steps=0)
+    with pytest.raises(ValueError, match="must be 64x64"):
+        model.predict(np.zeros((1, 96, 96)))
+    assert model._model is None  # nothing was built
+
+
+def test_load_refuses_another_config_without_touching_tensorflow(tmp_path):
+    (tmp_path / "maskrcnn_config.json").write_text(json.dumps({"config": MaskRCNNConfig.quick().to_dict()}))
+    with pytest.raises(ValueError, match="'quick'.*'paper'|'paper'.*'quick'"):
+        TumorMaskRCNN.load(tmp_path, config=MaskRCNNConfig.paper())
+    with pytest.raises(KtsInputError, match="maskrcnn_config.json"):
+        TumorMaskRCNN.load(tmp_path / "missing")
+    with pytest.raises(KtsInputError, match="weights.index"):
+        TumorMaskRCNN.load(tmp_path)  # config but no weights
+
+
+def test_detections_to_labels_higher_score_wins():
+    masks = np.zeros((2, 8, 8), bool)
+    masks[0, 0:4, 0:4] = True
+    masks[1, 2:6, 2:6] = True
+    labels = detections_to_labels({"masks": masks, "scores": np.array([0.6, 0.9])}, (8, 8))
+    assert labels.dtype == np.uint16
+    assert labels[3, 3] == 1 and labels[0, 0] == 2  # 0.9 instance is label 1 and owns the overlap
+    empty = detections_to_labels({"masks": np.zeros((0, 8, 8), bool), "scores": np.zeros(0)}, (8, 8))
+    assert not empty.any()
+
+
+# ----------------------------------------------------------------------------- slow (one training)
+
+@pytest.fixture(scope="module")
+def trained():
+    config = MaskRCNNConfig.quick()
+    images, labels = blob_crops(48, config.crop_size, seed=0)
+    images[0], labels[0] = 50.0, 0  # a crop with no tumour must be usable (negative example)
+    model = TumorMaskRCNN(config)
+    history = model.fit(images, labels, steps=TRAIN_STEPS, seed=0, progress=False)
+    return model, history
+
+
+@pytest.mark.slow
+def test_training_learns_to_find_tumours(trained):
+    from kts import metrics
+
+    model, history = trained
+    assert len(history) == TRAIN_STEPS
+    assert set(history[0]) >= {"total_loss", "rpn_score_loss", "rpn_box_loss", "frcnn_cls_loss",
+                               "frcnn_box_loss", "mask_loss"}
+    first = np.mean([h["total_loss"] for h in history[:10]])
+    last = np.mean([h["total_loss"] for h in history[-10:]])
+    assert last < 0.5 * first
+    test_images, test_labels = blob_crops(16, model.config.crop_size, seed=1)
+    result = model.evaluate(test_images, test_labels)
+    assert result["recall"] >= 0.8, result
+    predictions = model.predict(test_images)
+    assert len(predictions) == 16
+    for p in predictions:
+        n = len(p["scores"])
+        assert p["boxes"].shape == (n, 4) and p["masks"].shape == (n, 64, 64) and p["masks"].dtype == bool
+        assert np.all(np.diff(p["scores"]) <= 0) and np.all(p["scores"] >= 0.5)
+        if n:
+            assert np.all(p["boxes"][:, 2] >= p["boxes"][:, 0]) and p["boxes"].max() <= 64.5
+    ap = metrics.mask_ap(list(test_labels), predictions)
+    assert ap["AP50"] > 0.5, ap
+
+
+@pytest.mark.slow
+def test_empty_crop_and_threshold_one_give_empty_predictions(trained):
+    model, _ = trained
+    flat = np.full((2, 64, 64), 60.0, np.float32)
+    labels = model.predict_labels(flat, score_threshold=1.0)
+    assert labels.shape == (2, 64, 64) and labels.dtype == np.uint16 and not labels.any()
+    assert model.predict(np.zeros((0, 64, 64))) == []
+
+
+@pytest.mark.slow
+def test_save_load_round_trip_gives_identical_predictions(trained, tmp_path):
+    model, _ = trained
+    images, _ = blob_crops(6, model.config.crop_size, seed=2)
+    before = model.predict(images, score_threshold=0.3)
+    model.save(tmp_path / "ckpt")
+    model.save(tmp_path / "ckpt")  # overwriting is fine
+    assert (tmp_path / "ckpt" / "maskrcnn_config.json").is_file()
+    loaded = TumorMaskRCNN.load(tmp_path / "ckpt")
+    assert loaded.config == model.config
+    after = loaded.predict(images, score_threshold=0.3)
+    for a, b in zip(before, after):
+        np.testing.assert_array_equal(a["scores"], b["scores"])
+        np.testing.assert_array_equal(a["boxes"], b["boxes"])
+        np.testing.assert_array_equal(a["masks"], b["masks"])
+    # a config JSON edited to another architecture: a clear error, not a deep TF crash
+    cfg_file = tmp_path / "ckpt" / "maskrcnn_config.json"
+    saved = json.loads(cfg_file.read_text())
+    saved["config"] = dataclasses.replace(model.config, fc_dims=128, name="edited").to_dict()
+    cfg_file.write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="do not fit config 'edited'"):
+        TumorMaskRCNN.load(tmp_path / "ckpt")
