@@ -19,6 +19,7 @@ PROFILE_ENV = "KTS_PROFILE"
 DATA_ENV = "KTS_DATA_DIR"
 RESULTS_ENV = "KTS_RESULTS_DIR"
 WORK_ENV = "KTS_WORK_DIR"
+SOURCE_ENV = "KTS_SOURCE_ROOT"  # a data folder in kts' on-disk layout to use instead of the phantom
 
 
 @dataclasses.dataclass(frozen=True)

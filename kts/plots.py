@@ -164,3 +164,142 @@ def save_figure(fig: Figure, path_without_ext: str | os.PathLike, dpi: int = FIG
             fig.savefig(tmp, format=fmt, dpi=dpi, metadata=metadata)
         written.append(target)
     return written
+
+
+# --- Figure 6 (section IV): CU-Net accuracy and loss per epoch ---------------------------------
+
+def figure6(history, *, panel_size: float = 4.0) -> Figure:
+    """Accuracy and loss per epoch, training and validation (Fig. 6), from the CSV history of ``kts.train``."""
+    columns = set(getattr(history, "columns", []))
+    needed = {"epoch", "accuracy", "val_accuracy", "loss", "val_loss"}
+    if not needed <= columns:
+        raise ValueError(f"figure 6 needs history columns {sorted(needed)}; got {sorted(columns)}")
+    fig = Figure(figsize=(2 * panel_size, 0.8 * panel_size), layout="constrained")
+    for ax, key, title in zip(fig.subplots(1, 2), ("accuracy", "loss"), ("Accuracy", "Loss")):
+        ax.plot(history["epoch"], history[key], marker="o", ms=3, label="training")
+        ax.plot(history["epoch"], history[f"val_{key}"], marker="s", ms=3, label="validation")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(key)
+        ax.set_title(f"CU-Net {title.lower()} per epoch")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    return fig
+
+
+# --- Figure 5 (section IV): input, ground truth, CU-Net kidney segment, Mask R-CNN tumours ---
+
+def figure5(images, kidney_gt, kidney_pred, tumor_pred, *, tumor_gt=None, titles: Sequence[str] | None = None,
+            panel_size: float = 2.6) -> Figure:
+    """Figure 5's layout, one row per slice: input MR, ground-truth mask, the CU-Net kidney segment
+    (the image inside the predicted kidney mask) and the Mask R-CNN tumour lineation (instances in
+    colour, ground-truth tumours outlined in red when ``tumor_gt`` is given)."""
+    images = np.asarray(images)
+    n = len(images)
+    if n == 0:
+        raise ValueError("figure 5 needs at least one slice")
+    for name, arr in (("kidney_gt", kidney_gt), ("kidney_pred", kidney_pred), ("tumor_pred", tumor_pred)):
+        if np.shape(arr) != images.shape:
+            raise ValueError(f"{name} has shape {np.shape(arr)}, images have {images.shape}")
+    fig = Figure(figsize=(4 * panel_size, n * panel_size), layout="constrained")
+    axes = np.atleast_2d(fig.subplots(n, 4))
+    headers = ("Input MR image", "Ground-truth mask", "CU-Net kidney segment", "Mask R-CNN tumour lineation")
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10"]
+    for row in range(n):
+        image = images[row]
+        segment = np.where(np.asarray(kidney_pred[row]) > 0, image, 0)
+        panels = (image, np.asarray(kidney_gt[row]) > 0, segment, segment)
+        for col, ax in enumerate(axes[row]):
+            if col == 1:
+                ax.imshow(panels[col], cmap="gray", interpolation="nearest")
+            else:
+                _show_image(ax, panels[col])
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(headers[col], fontsize=9)
+        labels = np.asarray(tumor_pred[row])
+        overlay = np.zeros(labels.shape + (4,))
+        for k, label in enumerate(np.unique(labels[labels > 0])):
+            overlay[labels == label] = (*cmap(k % 10)[:3], 0.55)
+        axes[row, 3].imshow(overlay, interpolation="nearest")
+        if tumor_gt is not None:
+            _outline_tumors(axes[row, 3], np.asarray(tumor_gt[row]))
+        if titles is not None:
+            axes[row, 0].set_ylabel(titles[row], fontsize=8)
+    return fig
+
+
+def training_curves(history: Sequence[dict], keys: Sequence[str], *, title: str = "",
+                    panel_size: float = 4.0) -> Figure:
+    """Loss curves per step (e.g. Mask R-CNN's total, RPN, Fast R-CNN and mask losses)."""
+    if not history:
+        raise ValueError("training_curves needs a non-empty history")
+    fig = Figure(figsize=(1.6 * panel_size, 0.9 * panel_size), layout="constrained")
+    ax = fig.subplots()
+    steps = [h["step"] for h in history]
+    for key in keys:
+        ax.plot(steps, [h.get(key, np.nan) for h in history], label=key, lw=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def crop_grid(crops, label_maps, *, columns: int = 4, panel_size: float = 1.8) -> Figure:
+    """Kidney crops with their tumour instances outlined (the Mask R-CNN's training inputs)."""
+    crops = np.asarray(crops)
+    if len(crops) == 0:
+        raise ValueError("crop_grid needs at least one crop")
+    rows = -(-len(crops) // columns)
+    fig = Figure(figsize=(columns * panel_size, rows * panel_size), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, columns)).ravel()
+    for ax in axes:
+        ax.set_axis_off()
+    for ax, crop, labels in zip(axes, crops, label_maps):
+        _show_image(ax, crop)
+        _outline_tumors(ax, np.asarray(labels))
+    return fig
+
+
+def explorer_view(image, kidney_gt, tumour_gt, kidney_probability, tumour_pred, *, threshold: float = 0.5,
+                  show_image: bool = True, show_ground_truth: bool = True, show_cunet: bool = True,
+                  show_maskrcnn: bool = True, panel_size: float = 5.0) -> tuple[Figure, dict]:
+    """One slice with toggled overlays, and the kidney IoU/Dice at ``threshold`` (notebook 06's explorer).
+
+    Ground truth: kidney in green contour, tumours in red; CU-Net: the thresholded kidney mask
+    in blue; Mask R-CNN: tumour instances in orange.
+    """
+    from kts import metrics
+
+    if not 0.0 < float(threshold) < 1.0:
+        raise ValueError(f"threshold must be between 0 and 1, got {threshold!r}")
+    kidney_pred = np.asarray(kidney_probability) >= threshold
+    scores = {"kidney_iou": metrics.iou(kidney_pred, kidney_gt), "kidney_dice": metrics.dice(kidney_pred, kidney_gt),
+              "tumour_dice": metrics.dice(np.asarray(tumour_pred) > 0, np.asarray(tumour_gt) > 0)}
+    fig = Figure(figsize=(panel_size, panel_size), layout="constrained")
+    ax = fig.subplots()
+    ax.set_axis_off()
+    if show_image:
+        _show_image(ax, np.asarray(image))
+    else:
+        ax.imshow(np.zeros(np.shape(image)), cmap="gray", vmin=0, vmax=1)
+    if show_cunet:
+        overlay = np.zeros(kidney_pred.shape + (4,))
+        overlay[kidney_pred] = (0.2, 0.4, 1.0, 0.35)
+        ax.imshow(overlay, interpolation="nearest")
+    if show_maskrcnn:
+        overlay = np.zeros(kidney_pred.shape + (4,))
+        overlay[np.asarray(tumour_pred) > 0] = (1.0, 0.6, 0.0, 0.6)
+        ax.imshow(overlay, interpolation="nearest")
+    if show_ground_truth:
+        if np.any(kidney_gt):
+            ax.contour(np.asarray(kidney_gt) > 0, levels=[0.5], colors="lime", linewidths=1.0)
+        _outline_tumors(ax, np.asarray(tumour_gt))
+    ax.set_title(f"threshold {threshold:.2f}: kidney IoU {scores['kidney_iou']:.3f}, Dice {scores['kidney_dice']:.3f}",
+                 fontsize=9)
+    return fig, scores

@@ -1,0 +1,27 @@
+"""The ``kts`` command: ``kts run`` (the notebooks), ``kts fetch`` (real data), ``kts manifest``, ``kts bench``."""
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {
+        "run": ("kts.pipeline", "execute every notebook headlessly (papermill)"),
+        "fetch": ("kts.fetch", "download manifest series from TCIA or IDC"),
+        "manifest": ("kts.manifest", "build, check or review data_manifest.csv"),
+        "bench": ("kts.bench", "measure speed against this machine's ceiling"),
+    }
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
+        print("usage: kts {run,fetch,manifest,bench} [options]\n")
+        for name, (_, text) in commands.items():
+            print(f"  {name:<9} {text}")
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    import importlib
+
+    module = importlib.import_module(commands[argv[0]][0])
+    return int(module.main(argv[1:]) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""``kts run``: every notebook in order, headlessly with papermill, then ``results/metrics.json``.
+
+Each notebook is executed with ``PROFILE`` and ``SEED`` injected into its ``parameters``
+cell; executed copies go to ``runs/<profile>/``. A notebook whose executed copy is up to
+date (same notebook, same kts sources, same parameters, and every earlier notebook up to
+date) is not run again, so an interrupted run restarts at the first notebook whose outputs
+are missing or stale. A failing notebook stops the run with a non-zero exit naming the
+notebook and the cell.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from kts import config
+from kts import io as kts_io
+
+STAMP_SUFFIX = ".stamp.json"
+
+
+class NotebookFailed(RuntimeError):
+    """A notebook raised: the message names the notebook, the cell and the error."""
+
+
+def notebooks_dir() -> Path:
+    return config.project_root() / "notebooks"
+
+
+def list_notebooks(folder: Path | None = None) -> list[Path]:
+    """The numbered notebooks ``NN_name.ipynb`` in reading order."""
+    folder = folder or notebooks_dir()
+    found = sorted(p for p in folder.glob("[0-9][0-9]_*.ipynb"))
+    if not found:
+        raise FileNotFoundError(f"{folder}: no numbered notebooks (NN_name.ipynb) found")
+    return found
+
+
+def _sources_digest() -> str:
+    digest = hashlib.sha256()
+    package = Path(__file__).resolve().parent
+    for path in sorted(package.glob("*.py")):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def record_metrics(name: str, values: dict[str, Any], results: str | os.PathLike | None = None,
+                   profile: str | None = None) -> Path:
+    """Called by a notebook: write its figures of merit to ``<results>/metrics/<name>.json``.
+
+    ``kts run`` gathers these into ``results/metrics.json``; tests assert on them, not on text.
+    """
+    folder = Path(results) if results is not None else config.results_dir(profile)
+    return kts_io.write_json(folder / "metrics" / f"{name}.json", values)
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=config.project_root(), capture_output=True,
+                             text=True, timeout=10)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def run(profile: str = "paper", seed: int = 0, results: str | os.PathLike | None = None,
+        runs: str | os.PathLike | None = None, work: str | os.PathLike | None = None,
+        data: str | os.PathLike | None = None, only: list[str] | None = None, force: bool = False,
+        parameters: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Execute the notebooks with papermill; return (and write) the run's ``metrics.json``."""
+    import papermill as pm
+
+    config.get_profile(profile)
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    root = config.project_root()
+    results = Path(results) if results is not None else config.results_dir(profile)
+    runs = Path(runs) if runs is not None else root / "runs" / profile
+    work = Path(work) if work is not None else config.work_dir(profile)
+    data = Path(data) if data is not None else config.data_dir()
+    for folder in (results, runs, work, data):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OSError(f"{folder}: cannot create output folder ({exc.strerror or exc})") from exc
+    env = {config.PROFILE_ENV: profile, config.RESULTS_ENV: str(results.resolve()),
+           config.WORK_ENV: str(work.resolve()), config.DATA_ENV: str(data.resolve()),
+           "TF_CPP_MIN_LOG_LEVEL": "2", "MPLBACKEND": "Agg"}
+    saved_env = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    params = {"PROFILE": profile, "SEED": seed, **(parameters or {})}
+    notebooks = list_notebooks()
+    if only:
+        notebooks = [nb for nb in notebooks if any(nb.name.startswith(o) for o in only)]
+    sources = _sources_digest()
+    timings: dict[str, float] = {}
+    upstream = ""
+    started = time.perf_counter()
+    try:
+        for i, notebook in enumerate(notebooks, start=1):
+            output = runs / notebook.name
+            stamp_path = runs / (notebook.stem + STAMP_SUFFIX)
+            stamp = hashlib.sha256(json.dumps({"notebook": hashlib.sha256(notebook.read_bytes()).hexdigest(),
+                                               "sources": sources, "parameters": params, "upstream": upstream,
+                                               "results": str(results.resolve())}, sort_keys=True).encode()).hexdigest()
+            upstream = stamp
+            if not force and output.exists() and stamp_path.exists() and \
+                    json.loads(stamp_path.read_text()).get("stamp") == stamp:
+                timings[notebook.stem] = json.loads(stamp_path.read_text()).get("wall_s", 0.0)
+                print(f"[{i}/{len(notebooks)}] {notebook.name}: up to date, skipped", flush=True)
+                continue
+            print(f"[{i}/{len(notebooks)}] {notebook.name} ({profile}) ...", flush=True)
+            t0 = time.perf_counter()
+            with kts_io.atomic_path(output) as tmp:
+                try:
+                    pm.execute_notebook(str(notebook), str(tmp), parameters=params, cwd=str(notebook.parent),
+                                        kernel_name="python3", progress_bar=False, log_output=False)
+                except pm.PapermillExecutionError as exc:
+                    raise NotebookFailed(f"{notebook.name}: cell {exc.exec_count} failed with "
+                                         f"{exc.ename}: {exc.evalue}") from None
+            timings[notebook.stem] = round(time.perf_counter() - t0, 1)
+            kts_io.write_json(stamp_path, {"stamp": stamp, "wall_s": timings[notebook.stem]})
+            print(f"[{i}/{len(notebooks)}] {notebook.name}: done in {timings[notebook.stem]:.0f} s", flush=True)
+    finally:
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    metrics = _collect(results, profile, seed, timings, time.perf_counter() - started)
+    kts_io.write_json(results / "metrics.json", metrics)
+    return metrics
+
+
+def _collect(results: Path, profile: str, seed: int, timings: dict, wall: float) -> dict[str, Any]:
+    notebook_metrics = {}
+    for path in sorted((results / "metrics").glob("*.json")):
+        notebook_metrics[path.stem] = json.loads(path.read_text())
+    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return {
+        "provenance": {"git_commit": _git_commit(), "profile": profile, "seed": seed,
+                       "versions": config.versions(), "wall_s_per_notebook": timings,
+                       "wall_s_total": round(sum(timings.values()), 1),
+                       "peak_rss_mb_children": round(peak_kib / 1024, 1)},
+        "notebooks": notebook_metrics,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="kts run", description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", default=config.default_profile(), choices=sorted(config.PROFILES))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--results", default=None, help="results folder (default results/ or results/<profile>)")
+    parser.add_argument("--runs", default=None, help="executed notebooks (default runs/<profile>)")
+    parser.add_argument("--work", default=None, help="checkpoints (default work/<profile>)")
+    parser.add_argument("--data", default=None, help="data folder (default data/)")
+    parser.add_argument("--only", nargs="*", help="notebook prefixes to run, e.g. 01 02")
+    parser.add_argument("--force", action="store_true", help="re-run notebooks even when up to date")
+    args = parser.parse_args(argv)
+    try:
+        metrics = run(args.profile, args.seed, args.results, args.runs, args.work, args.data, args.only, args.force)
+    except NotebookFailed as exc:
+        print(f"kts run: {exc}", file=sys.stderr)
+        return 1
+    wall = metrics["provenance"]["wall_s_total"]
+    print(f"kts run: {len(metrics['provenance']['wall_s_per_notebook'])} notebooks, {wall:.0f} s; "
+          f"results in {args.results or config.results_dir(args.profile)}")
+    return 0

@@ -1,0 +1,136 @@
+"""The Table I split study: the four train/validation partitions, each over several seeds.
+
+Table I reports IoU and accuracy for TD-70%/VD-6%, TD-75%/VD-8%, TD-65%/VD-15% and
+TD-60%/VD-20% (test = the rest). For each partition and seed kts trains the whole cascade
+(CU-Net, then Mask R-CNN on kidney crops), runs it on the test cases and scores it.
+A finished partition-seed leaves ``metrics.json`` behind and is never retrained, so an
+interrupted paper-profile run continues where it stopped. The paper's values appear only
+as the reference column.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from kts import io as kts_io
+from kts.config import Profile
+
+PAPER_TABLE1 = {
+    # partition: (IoU, accuracy) as printed in Table I of the paper - the reference column only
+    "TD-70% VD-6%": (0.875, 0.912),
+    "TD-75% VD-8%": (0.913, 0.941),
+    "TD-65% VD-15%": (0.849, 0.877),
+    "TD-60% VD-20%": (0.831, 0.819),
+}
+REPORTED = ("iou", "accuracy", "kidney_dice", "tumour_dice", "tumour_iou", "accuracy_in_kidney",
+            "instance_f1", "mask_ap")
+
+
+def run_one(dataset, partition: str, seed: int, profile: Profile, work_dir: str | os.PathLike,
+            predictions_dir: str | os.PathLike, progress: bool = True) -> dict:
+    """Train and score the cascade for one partition and seed; skipped when already done."""
+    from kts import data, workflow
+
+    slug = data.partition_slug(partition)
+    run_dir = Path(work_dir) / f"{slug}-seed{seed}"
+    done = run_dir / "metrics.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    started = time.perf_counter()
+    splits = data.split_partition(dataset.index, partition, seed=seed)
+    data.save_splits(run_dir / "splits.json", {f"{slug}-seed{seed}": splits})
+    kidney = workflow.train_kidney_stage(dataset, splits, profile, run_dir / "cunet", seed=seed)
+    tumour_model, _ = workflow.train_tumour_stage(dataset, splits, profile, run_dir / "maskrcnn", seed=seed,
+                                                  progress=progress)
+    test = dataset.subset(splits["test"])
+    probabilities, result = workflow.run_cascade(kidney.model, tumour_model, test.images)
+    scores = workflow.score_cascade(probabilities, result.kidney_masks, result.tumor_labels, test.kidney_masks,
+                                    test.tumor_labels, instance_predictions=result.instances)
+    with kts_io.atomic_path(Path(predictions_dir) / f"{slug}-seed{seed}.npz") as tmp:
+        np.savez_compressed(tmp, case_ids=np.array(test.index["case_id"], dtype=str),
+                            kidney_probability=probabilities.astype(np.float16),
+                            kidney_pred=result.kidney_masks.astype(np.uint8),
+                            kidney_gt=test.kidney_masks.astype(np.uint8),
+                            tumour_pred=result.tumor_labels.astype(np.uint16),
+                            tumour_gt=test.tumor_labels.astype(np.uint16))
+    record = {"partition": partition, "slug": slug, "seed": seed, "profile": profile.name,
+              "n_train": len(splits["train"]), "n_val": len(splits["val"]), "n_test": len(splits["test"]),
+              "cunet_epochs": int(len(kidney.history)), "cunet_best_epoch": kidney.best_epoch,
+              "wall_s": round(time.perf_counter() - started, 1), **scores}
+    kts_io.write_json(done, record)
+    return record
+
+
+def run_study(dataset, profile: Profile, seeds: Iterable[int], work_dir: str | os.PathLike,
+              results_dir: str | os.PathLike, partitions: Iterable[str] | None = None, progress: bool = True):
+    """Every partition x seed (resumable); returns the per-run table (one row per partition-seed)."""
+    import pandas as pd
+
+    partitions = list(partitions or PAPER_TABLE1)
+    seeds = list(seeds)
+    if not seeds:
+        raise ValueError("SEEDS must be at least 1")
+    rows = []
+    total = len(partitions) * len(seeds)
+    for i, (partition, seed) in enumerate(((p, s) for p in partitions for s in seeds), start=1):
+        t0 = time.perf_counter()
+        row = run_one(dataset, partition, seed, profile, work_dir, Path(results_dir) / "predictions", progress)
+        print(f"[{i}/{total}] {partition} seed {seed}: IoU {row['iou']:.3f}, accuracy {row['accuracy']:.3f}, "
+              f"tumour Dice {row['tumour_dice']:.3f}, instance F1 {row['instance_f1']:.3f} "
+              f"({time.perf_counter() - t0:.0f} s)", flush=True)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def summarise(runs) -> "pd.DataFrame":
+    """Table I: per partition, mean and sd over seeds of each metric, the seed count, the paper's values."""
+    import pandas as pd
+
+    out = []
+    for partition, group in runs.groupby("partition", sort=False):
+        row = {"partition": partition, "n_seeds": int(len(group))}
+        paper_iou, paper_acc = PAPER_TABLE1.get(partition, (np.nan, np.nan))
+        row["paper_iou"], row["paper_accuracy"] = paper_iou, paper_acc
+        for key in REPORTED:
+            values = group[key].astype(float).to_numpy() if key in group else np.array([np.nan])
+            row[f"{key}_mean"] = float(np.mean(values))
+            row[f"{key}_sd"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+        row["n_test_slices"] = int(group["n_test_slices"].iloc[0])
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def to_markdown(table) -> str:
+    """Table I as markdown: the paper's IoU and accuracy beside ours (mean ± sd over seeds)."""
+    def cell(row, key):
+        return f"{row[key + '_mean']:.3f} ± {row[key + '_sd']:.3f}"
+
+    lines = ["| Data partition | paper IoU | our IoU (kidney) | paper accuracy | our accuracy (pixel) "
+             "| kidney Dice | tumour Dice | instance F1 | mask AP | seeds | test slices |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for _, row in table.iterrows():
+        lines.append(f"| {row['partition']} | {row['paper_iou']:.3f} | {cell(row, 'iou')} | "
+                     f"{row['paper_accuracy']:.3f} | {cell(row, 'accuracy')} | {cell(row, 'kidney_dice')} | "
+                     f"{cell(row, 'tumour_dice')} | {cell(row, 'instance_f1')} | {cell(row, 'mask_ap')} | "
+                     f"{row['n_seeds']} | {row['n_test_slices']} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_table1(runs, results_dir: str | os.PathLike) -> "pd.DataFrame":
+    """Write ``table1.csv``, ``table1.md`` and ``table1_runs.csv`` (per seed) atomically."""
+    results_dir = Path(results_dir)
+    table = summarise(runs)
+    with kts_io.atomic_path(results_dir / "table1.csv") as tmp:
+        table.to_csv(tmp, index=False, float_format="%.4f")
+    with kts_io.atomic_path(results_dir / "table1_runs.csv") as tmp:
+        runs.to_csv(tmp, index=False, float_format="%.4f")
+    note = ("Phantom data, not the paper's TCGA-KIRC slices. IoU: kidney foreground IoU of the CU-Net; "
+            "accuracy: pixel accuracy over whole test slices (both pooled over test pixels); see "
+            "docs/errata.md (E9) for what the paper's columns most plausibly count.\n\n")
+    kts_io.write_text(results_dir / "table1.md", "# Table I, regenerated\n\n" + note + to_markdown(table))
+    return table

@@ -1,0 +1,201 @@
+"""The steps of Figure 4 end to end, as the notebooks and the Table I split study call them.
+
+Each function is one step a notebook narrates: prepare the data (section III.A.2, IV),
+train the kidney stage (CU-Net, section III.A.3), train the tumour stage (Mask R-CNN on
+kidney crops, section III.B), run the cascade on test slices and score it (Table I).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kts import config as kts_config
+from kts.config import Profile
+
+
+def prepare_dataset(profile: Profile, seed: int = 0, source_root: str | os.PathLike | None = None,
+                    data_dir: str | os.PathLike | None = None, header_overrides: dict | None = None):
+    """The phantom written as DICOM (or ``source_root``, a folder in the same layout), extracted and cached.
+
+    ``source_root`` defaults to ``$KTS_SOURCE_ROOT`` when set (your own data, or a phantom
+    written with other header attributes), else the phantom of this profile and seed.
+    Returns ``(dataset, source_root)``. The phantom is generated once per (seed, difficulty,
+    size) and the dataset cache is rebuilt only when its inputs change.
+    """
+    from kts import data, phantom
+
+    base = Path(data_dir) if data_dir is not None else kts_config.data_dir()
+    if source_root is None and os.environ.get(kts_config.SOURCE_ENV):
+        source_root = Path(os.environ[kts_config.SOURCE_ENV])
+        if not source_root.is_dir():
+            raise ValueError(f"{source_root}: ${kts_config.SOURCE_ENV} names no folder")
+    if source_root is None:
+        name = f"phantom-{profile.difficulty}-seed{seed}-n{profile.n_cases}-s{profile.slices_per_case}"
+        if header_overrides:
+            name += "-overrides"
+        source_root = phantom.write_dataset(base / name, n_cases=profile.n_cases, seed=seed,
+                                            difficulty=profile.difficulty, slices_per_case=profile.slices_per_case,
+                                            header_overrides=header_overrides)
+    source_root = Path(source_root)
+    cache = base / "cache" / f"{source_root.name}-{profile.image_size}.npz"
+    dataset = data.build_dataset(source_root, cache_path=cache, image_size=profile.image_size)
+    return dataset, source_root
+
+
+def cunet_train_config(profile: Profile, epochs: int | None = None):
+    """The paper's recipe (section IV) with the profile's epochs, batch and patience."""
+    from kts.train import TrainConfig
+
+    return TrainConfig(epochs=epochs or profile.cunet_epochs, batch_size=profile.cunet_batch_size,
+                       early_stopping_patience=profile.early_stopping_patience,
+                       reduce_lr_patience=profile.reduce_lr_patience)
+
+
+def train_kidney_stage(dataset, splits: dict, profile: Profile, out_dir: str | os.PathLike, seed: int = 0,
+                       resume: bool = True, epochs: int | None = None, verbose: int = 0):
+    """Train the CU-Net on the training cases, watching the validation cases (section III.A.3)."""
+    from kts.train import train_cunet
+
+    train_set, val_set = dataset.subset(splits["train"]), dataset.subset(splits["val"])
+    return train_cunet((train_set.images, train_set.kidney_masks), (val_set.images, val_set.kidney_masks),
+                       out_dir, model_kwargs=dict(z=profile.cunet_base_filters),
+                       config=cunet_train_config(profile, epochs), seed=seed, resume=resume, verbose=verbose)
+
+
+def tumour_crops(dataset, case_ids, crop_size: int):
+    """Kidney crops from the ground-truth kidney masks and their tumour instance maps (section III.B)."""
+    from kts import cascade
+
+    part = dataset.subset(case_ids)
+    return cascade.training_crops(part.images, part.kidney_masks, part.tumor_labels, crop_size=crop_size)
+
+
+def train_tumour_stage(dataset, splits: dict, profile: Profile, out_dir: str | os.PathLike, seed: int = 0,
+                       steps: int | None = None, resume: bool = True, progress: bool = True):
+    """Train (or reload) the Mask R-CNN on kidney crops of the training cases (section III.B)."""
+    from kts.maskrcnn import MaskRCNNConfig, TumorMaskRCNN
+    from kts.io import write_json
+
+    out_dir = Path(out_dir)
+    done = out_dir / "history.json"
+    config = MaskRCNNConfig.from_profile(profile.maskrcnn_profile)
+    if resume and done.exists():
+        return TumorMaskRCNN.load(out_dir / "model"), _read_json(done)
+    train_crops, train_labels = tumour_crops(dataset, splits["train"], config.crop_size)[:2]
+    val_crops, val_labels = tumour_crops(dataset, splits["val"], config.crop_size)[:2]
+    model = TumorMaskRCNN(config, seed=seed)
+    steps = steps or profile.maskrcnn_steps
+    history = model.fit(train_crops, train_labels, steps=steps, validation=(val_crops, val_labels), seed=seed,
+                        progress=progress, validate_every=max(steps // 4, 1))
+    model.save(out_dir / "model")
+    write_json(done, {"history": history, "timing": getattr(model, "timing", {}),
+                      "n_train_crops": int(len(train_crops)), "n_val_crops": int(len(val_crops))})
+    return model, _read_json(done)
+
+
+def _read_json(path: Path) -> Any:
+    import json
+
+    return json.loads(Path(path).read_text())
+
+
+def run_cascade(cunet_model, maskrcnn_model, images, threshold: float = 0.5, score_threshold: float = 0.5):
+    """Figure 4 on slices: CU-Net kidney probabilities, then Mask R-CNN tumour instances in kidney crops."""
+    from kts import cascade
+    from kts.train import predict_probabilities
+
+    probabilities = predict_probabilities(cunet_model, images)
+    result = cascade.run_cascade(images, probabilities, maskrcnn_model, threshold=threshold,
+                                 score_threshold=score_threshold)
+    return probabilities, result
+
+
+def score_cascade(kidney_probabilities, kidney_pred, tumour_pred_labels, kidney_gt, tumour_gt_labels,
+                  instance_predictions=None, threshold: float = 0.5) -> dict[str, float]:
+    """Table I's IoU and accuracy beside Dice, tumour Dice/IoU, instance F1 and mask AP (errata E9).
+
+    ``iou`` and ``accuracy`` are the paper's columns: the kidney (CU-Net) foreground IoU and the
+    pixel accuracy over whole slices, both pooled over all test pixels as Keras' metrics pool
+    them. ``accuracy_in_kidney`` counts only the pixels inside the ground-truth kidneys
+    (tumour vs. kidney tissue), a reading under which accuracy is not inflated by background.
+    """
+    from kts import metrics
+
+    kidney = metrics.summarise(kidney_pred, kidney_gt)
+    tumour = metrics.summarise(np.asarray(tumour_pred_labels) > 0, np.asarray(tumour_gt_labels) > 0)
+    inside = np.asarray(kidney_gt) > 0
+    tumour_pred_bin = np.asarray(tumour_pred_labels) > 0
+    tumour_gt_bin = np.asarray(tumour_gt_labels) > 0
+    accuracy_in_kidney = float(np.mean(tumour_pred_bin[inside] == tumour_gt_bin[inside])) if inside.any() else 1.0
+    inst = metrics.instance_scores(list(tumour_pred_labels), list(tumour_gt_labels))
+    out = {
+        "iou": kidney["pooled_iou"], "accuracy": kidney["pooled_accuracy"],
+        "kidney_dice": kidney["pooled_dice"], "kidney_mean_dice": kidney["mean_dice"],
+        "kidney_mean_iou": kidney["mean_iou"],
+        "tumour_dice": tumour["pooled_dice"], "tumour_iou": tumour["pooled_iou"],
+        "tumour_mean_dice": tumour["mean_dice"],
+        "accuracy_in_kidney": accuracy_in_kidney,
+        "instance_precision": inst["precision"], "instance_recall": inst["recall"], "instance_f1": inst["f1"],
+        "true_negative_slices": inst["true_negative_slices"], "n_test_slices": kidney["n_images"],
+    }
+    if instance_predictions is not None:
+        predictions = [_instance_masks(labels, found) for labels, found in zip(tumour_pred_labels, instance_predictions)]
+        out["mask_ap"] = metrics.mask_ap(list(tumour_gt_labels), predictions)["AP"]
+    return out
+
+
+def _instance_masks(label_map, instances) -> dict:
+    """The cascade's instances of one slice as ``{"masks", "scores"}`` for COCO mask AP."""
+    label_map = np.asarray(label_map)
+    masks = [label_map == inst["label"] for inst in instances]
+    return {"masks": np.array(masks, dtype=bool).reshape(len(masks), *label_map.shape),
+            "scores": np.array([inst["score"] for inst in instances], dtype=float)}
+
+
+def pick_figure5_slices(tumour_labels, n: int = 4) -> list[int]:
+    """Slices for Figure 5: those with tumours first (most instances first), then tumour-free ones."""
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"N_SHOWN must be a positive int, got {n!r}")
+    counts = [len(np.unique(t[t > 0])) for t in np.asarray(tumour_labels)]
+    order = sorted(range(len(counts)), key=lambda i: (-counts[i], i))
+    with_tumour = [i for i in order if counts[i] > 0]
+    without = [i for i in order if counts[i] == 0]
+    picked = with_tumour[: max(n - 1, 1)] + without[:1]
+    picked += [i for i in order if i not in picked]
+    return sorted(picked[:n])
+
+
+def real_data_source(name: str, limit: int = 2, dest: str | os.PathLike | None = None) -> Path | None:
+    """Where real series for ``DATA = name`` are (fetching them when online), or ``None`` for the phantom.
+
+    Real data need the internet (TCIA or IDC) and, for TCGA-KIRC, your own kidney masks: the
+    paper's were never published. Without network this explains what to do and returns
+    ``None``, so the notebook falls back to the offline phantom.
+    """
+    from kts import fetch, manifest
+
+    sources = ("phantom", "tcga-kirc", "cptac-ccrcc")
+    if name not in sources:
+        raise ValueError(f"DATA must be one of {sources}, got {name!r}")
+    if name == "phantom":
+        return None
+    rows = manifest.read_manifest(kts_config.project_root() / "data_manifest.csv")
+    rows = rows[rows["source"] == name]
+    if name == "cptac-ccrcc":
+        rows = rows[rows["modality"] == "MR"]
+    dest = Path(dest) if dest is not None else kts_config.data_dir() / name
+    try:
+        fetch.fetch(rows.head(limit), dest, timeout=20, retries=1, progress=False)
+    except Exception as exc:  # no network here is the common case, not an error of the user's
+        print(f"Could not fetch {name} series ({type(exc).__name__}: {str(exc)[:200]}).\n"
+              f"To use real data: run `kts fetch --manifest data_manifest.csv --only-source {name} --dest {dest}` "
+              "on a machine with internet, put kidney masks as <case>/masks/<SOPInstanceUID>_kidney.png beside "
+              "each <case>/dicom folder (or import NIfTI, DICOM-SEG or RTSTRUCT with kts.masks), and set DATA again.\n"
+              "Falling back to the phantom.")
+        return None
+    print(f"Fetched {len(rows.head(limit))} {name} series into {dest.name}/; pair masks as described in "
+          "notebooks/README.md before building the dataset.")
+    return None if not any(dest.glob("*/masks")) else dest

@@ -1,5 +1,0 @@
-"""Shared test settings: quiet TensorFlow, a fixed Keras backend."""
-import os
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")

@@ -1,0 +1,79 @@
+"""One full quick-profile run of every notebook with papermill, asserting on the numbers it wrote.
+
+Runs before nbval (tests/ before notebooks/ in testpaths) and shares the session folders set by
+the root conftest.py, so nbval then re-executes the notebooks on the models trained here.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from kts import pipeline, study
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = Path(os.environ["KTS_RESULTS_DIR"])
+RUNS = Path(os.environ["KTS_TEST_BASE"]) / "runs"
+
+
+@pytest.fixture(scope="module")
+def metrics():
+    return pipeline.run("quick", seed=0, results=RESULTS, runs=RUNS)
+
+
+@pytest.mark.slow
+def test_every_notebook_ran_and_wrote_its_figures(metrics):
+    names = [p.stem for p in pipeline.list_notebooks()]
+    assert list(metrics["provenance"]["wall_s_per_notebook"]) == names
+    assert set(metrics["notebooks"]) == set(names)
+    for figure in ("fig1_kidney_no_mild_moderate_tumour", "fig3_mr_slice_and_ground_truth",
+                   "fig5_cascade_segmentation_results", "fig6_cunet_accuracy_loss_per_epoch"):
+        for ext in ("png", "pdf"):
+            assert (RESULTS / f"{figure}.{ext}").stat().st_size > 1000
+    assert json.loads((RESULTS / "metrics.json").read_text())["provenance"]["profile"] == "quick"
+
+
+@pytest.mark.slow
+def test_data_and_splits_numbers(metrics):
+    m = metrics["notebooks"]["01_data_extraction"]
+    assert m["n_slices"] == 30 and m["n_cases"] == 30
+    assert m["split_sizes"]["TD-70% VD-6%"] == {"train": 21, "val": 2, "test": 7}
+    assert m["tumour_free_slices"] > 0
+
+
+@pytest.mark.slow
+def test_models_learn_in_the_quick_profile(metrics):
+    cunet = metrics["notebooks"]["02_train_cunet"]
+    assert cunet["pooled_dice"] > 0.5, cunet
+    tumour = metrics["notebooks"]["03_train_maskrcnn"]["held_out"]
+    assert 0.0 <= tumour["f1"] <= 1.0
+    cascade = metrics["notebooks"]["04_figure5"]["test"]
+    assert cascade["n_test_slices"] == 7
+
+
+@pytest.mark.slow
+def test_table1_has_the_four_partitions_beside_the_paper(metrics):
+    table = pd.read_csv(RESULTS / "table1.csv")
+    assert list(table["partition"]) == list(study.PAPER_TABLE1)
+    assert (table["n_seeds"] == 1).all()
+    for _, row in table.iterrows():
+        assert (row["paper_iou"], row["paper_accuracy"]) == study.PAPER_TABLE1[row["partition"]]
+        assert 0.0 <= row["iou_mean"] <= 1.0 and 0.0 <= row["accuracy_mean"] <= 1.0
+    assert "paper IoU" in (RESULTS / "table1.md").read_text()
+
+
+@pytest.mark.slow
+def test_table1_recomputed_independently(metrics):
+    out = subprocess.run([sys.executable, str(ROOT / "tests" / "recompute_table1.py"), str(RESULTS)],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.slow
+def test_rerun_skips_up_to_date_notebooks(metrics, capsys):
+    again = pipeline.run("quick", seed=0, results=RESULTS, runs=RUNS)
+    assert "up to date, skipped" in capsys.readouterr().out
+    assert again["notebooks"]["05_table1_split_study"] == metrics["notebooks"]["05_table1_split_study"]
