@@ -1,0 +1,139 @@
+"""Tests of kts.bench: helpers, FLOP counting, and that ``--quick`` writes every field.
+
+No speed goal is asserted here: goals live in ``results/bench.json``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from kts import bench
+
+
+def test_summarize_median_and_repeats():
+    figure = bench.summarize([3.0, 1.0, 2.0], "img/s")
+    assert figure["median"] == 2.0
+    assert figure["repeats"] == [3.0, 1.0, 2.0]
+    assert (figure["min"], figure["max"], figure["unit"]) == (1.0, 3.0, "img/s")
+    with pytest.raises(ValueError):
+        bench.summarize([], "s")
+
+
+def test_time_repeats_counts_calls():
+    calls = []
+    out = bench.time_repeats(lambda: calls.append(1), warmup=2, repeats=3, min_time=0.0)
+    assert len(out) == 3 and all(t >= 0 for t in out)
+    assert len(calls) == 5
+
+
+def test_goal_direction_and_missing_value():
+    assert bench.goal("cunet_train_fraction_of_ceiling", 0.61)["met"] is True
+    assert bench.goal("cunet_train_fraction_of_ceiling", 0.59)["met"] is False
+    assert bench.goal("input_pipeline_overhead_pct", 4.0)["met"] is True
+    assert bench.goal("input_pipeline_overhead_pct", 6.0)["met"] is False
+    missing = bench.goal("e2e_quick_wall_min", None)
+    assert missing == {"goal": "<= 10", "value": None, "met": None}
+
+
+def test_markdown_table_rendering():
+    text = bench.markdown_table([("a|b", 1.23456, None, True), ("c", 1234.5, 2, False)], ("name", "x", "y", "ok"))
+    lines = text.strip().splitlines()
+    assert lines[0] == "| name | x | y | ok |"
+    assert lines[1] == "|---|---|---|---|"
+    assert lines[2] == "| a\\|b | 1.23 | — | yes |"
+    assert lines[3] == "| c | 1234 | 2 | no |"
+
+
+def test_render_markdown_from_skipped_results():
+    results = bench.run_benchmark(sections=[], quick=True, progress=None)
+    text = bench.render_markdown(results)
+    assert "| section | figure | median | unit | goal | met |" in text
+    assert "e2e_paper: takes hours" in text
+    for name in bench.SECTIONS:
+        assert results[name]["skipped"], name
+    assert results["goals"]["cunet_train_fraction_of_ceiling"]["met"] is None
+
+
+def test_unknown_section_is_refused():
+    with pytest.raises(ValueError, match="unknown sections"):
+        bench.run_benchmark(sections=["nope"], progress=None)
+
+
+def test_param_count_matches_keras_model():
+    from kts.cunet import build_cunet
+
+    assert bench.cunet_param_count() == bench.PAPER_CUNET_PARAMS
+    assert bench.cunet_param_count(z=8) == build_cunet(input_shape=(32, 32, 1), z=8).count_params()
+
+
+def test_profiler_flops_match_forward_flops():
+    from kts.cunet import build_cunet, forward_flops
+
+    model = build_cunet(input_shape=(64, 64, 1), z=16)
+    counted = bench.count_flops_tf(model, (64, 64, 1))
+    assert counted["total"] == pytest.approx(forward_flops(model), rel=0.02)
+    assert counted["by_op_type"]["Conv2D"] > 0
+
+
+def test_torch_peer_has_keras_parameter_count():
+    torch = pytest.importorskip("torch")
+    model = bench.torch_cunet(z=16)
+    params = sum(p.numel() for p in model.parameters()) + sum(
+        b.numel() for n, b in model.named_buffers() if n.endswith(("running_mean", "running_var")))
+    assert params == bench.PAPER_CUNET_PARAMS
+    out = model.eval()(torch.zeros(1, 1, 32, 32))
+    assert tuple(out.shape) == (1, 1, 32, 32)
+
+
+def test_tree_rss_of_this_process_is_positive():
+    assert bench._tree_rss_kib(os.getpid()) > 0
+
+
+def test_run_measured_reads_peak_memory_and_exit_code():
+    code = "import sys, time; x = bytearray(200 * 2**20); sys.stderr.write('e' * 200000); time.sleep(0.8); sys.exit(3)"
+    measured = bench.run_measured([sys.executable, "-c", code], timeout=60)
+    assert measured["returncode"] == 3 and not measured["timed_out"]
+    assert measured["peak_largest_process_rss_kib"] >= 200 * 1024
+    assert measured["peak_tree_rss_kib"] >= 200 * 1024
+    assert measured["stderr_tail"].endswith("e")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_quick_benchmark_writes_every_field(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "kts.bench", "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads(out.read_text())
+    assert (tmp_path / "bench.md").read_text().startswith("# kts benchmark")
+    assert results["quick"] is True and results["complete"] is True
+    for key in ("cpu_model", "cores", "memory_gb", "versions", "onednn_opts", "date"):
+        assert results["machine"][key] is not None, key
+    assert len(results["load_average_start"]) == 3 and len(results["load_average_end"]) == 3
+    expected = {"ceiling": bench.CEILING_KEYS, "cunet": bench.CUNET_KEYS, "variations": bench.VARIATION_KEYS,
+                "torch": bench.TORCH_KEYS, "input_pipeline": bench.PIPELINE_KEYS, "maskrcnn": bench.MASKRCNN_KEYS,
+                "data": bench.DATA_KEYS, "e2e_quick": bench.E2E_KEYS, "e2e_paper": bench.E2E_KEYS}
+    for section, keys in expected.items():
+        assert set(keys) | {"skipped"} <= set(results[section]), section
+    for section in bench.QUICK_SECTIONS:
+        assert results[section]["skipped"] is None, (section, results[section]["skipped"])
+    figures = [results["ceiling"][k] for k in ("tf_all_core", "tf_single_core", "numpy_all_core", "numpy_single_core")]
+    figures += [results["cunet"][k] for k in ("train_images_per_s", "infer_images_per_s")]
+    figures += [results["input_pipeline"][k] for k in ("pipeline_s_per_step", "tensors_s_per_step")]
+    figures += [results["data"][k] for k in ("generate_slices_per_s", "write_slices_per_s",
+                                             "read_series_slices_per_s", "build_dataset_slices_per_s")]
+    for figure in figures:
+        assert figure["median"] > 0 and len(figure["repeats"]) >= 2 and all(v > 0 for v in figure["repeats"])
+    cunet = results["cunet"]
+    assert cunet["flops_forward_profiler"] == pytest.approx(cunet["flops_forward_analytic"], rel=0.02)
+    assert 0 < cunet["train_fraction_of_ceiling"] and 0 < cunet["infer_fraction_of_ceiling"]
+    assert cunet["layers"] and cunet["limits"]
+    assert set(results["goals"]) == set(bench.GOALS)
+    for name, g in results["goals"].items():
+        assert {"goal", "value", "met"} <= set(g), name
+    assert isinstance(results["goals"]["cunet_train_fraction_of_ceiling"]["met"], bool)
