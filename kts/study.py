@@ -46,7 +46,7 @@ def run_one(dataset, partition: str, seed: int, profile: Profile, work_dir: str 
     data.save_splits(run_dir / "splits.json", {f"{slug}-seed{seed}": splits})
     kidney = workflow.train_kidney_stage(dataset, splits, profile, run_dir / "cunet", seed=seed)
     tumour_model, _ = workflow.train_tumour_stage(dataset, splits, profile, run_dir / "maskrcnn", seed=seed,
-                                                  progress=progress)
+                                                  progress=progress, validate=False)
     test = dataset.subset(splits["test"])
     probabilities, result = workflow.run_cascade(kidney.model, tumour_model, test.images)
     scores = workflow.score_cascade(probabilities, result.kidney_masks, result.tumor_labels, test.kidney_masks,

@@ -74,8 +74,12 @@ def tumour_crops(dataset, case_ids, crop_size: int):
 
 
 def train_tumour_stage(dataset, splits: dict, profile: Profile, out_dir: str | os.PathLike, seed: int = 0,
-                       steps: int | None = None, resume: bool = True, progress: bool = True):
-    """Train (or reload) the Mask R-CNN on kidney crops of the training cases (section III.B)."""
+                       steps: int | None = None, resume: bool = True, progress: bool = True, validate: bool = True):
+    """Train (or reload) the Mask R-CNN on kidney crops of the training cases (section III.B).
+
+    ``validate`` scores the validation crops four times during training (the curves of
+    notebook 03); the split study turns it off, since it scores the whole cascade on the test cases.
+    """
     from kts.maskrcnn import MaskRCNNConfig, TumorMaskRCNN
     from kts.io import write_json
 
@@ -88,8 +92,9 @@ def train_tumour_stage(dataset, splits: dict, profile: Profile, out_dir: str | o
     val_crops, val_labels = tumour_crops(dataset, splits["val"], config.crop_size)[:2]
     model = TumorMaskRCNN(config, seed=seed)
     steps = steps or profile.maskrcnn_steps
-    history = model.fit(train_crops, train_labels, steps=steps, validation=(val_crops, val_labels), seed=seed,
-                        progress=progress, validate_every=max(steps // 4, 1))
+    history = model.fit(train_crops, train_labels, steps=steps, seed=seed, progress=progress,
+                        validation=(val_crops, val_labels) if validate else None,
+                        validate_every=max(steps // 4, 1))
     model.save(out_dir / "model")
     write_json(done, {"history": history, "timing": getattr(model, "timing", {}),
                       "n_train_crops": int(len(train_crops)), "n_val_crops": int(len(val_crops))})
