@@ -148,7 +148,7 @@ def _collect(results: Path, profile: str, seed: int, timings: dict, wall: float)
         "provenance": {"git_commit": _git_commit(), "profile": profile, "seed": seed,
                        "versions": config.versions(), "wall_s_per_notebook": timings,
                        "wall_s_total": round(sum(timings.values()), 1),
-                       "peak_rss_mb_children": round(peak_kib / 1024, 1)},
+                       "peak_rss_mb_children": round(peak_kib / 1024, 1), "cpu_count": os.cpu_count()},
         "notebooks": notebook_metrics,
     }
 
@@ -165,13 +165,63 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default=None, help="data folder (default data/)")
     parser.add_argument("--only", nargs="*", help="notebook prefixes to run, e.g. 01 02")
     parser.add_argument("--force", action="store_true", help="re-run notebooks even when up to date")
+    parser.add_argument("--update-readme", action="store_true",
+                        help="only regenerate README's results and benchmark sections from the results folder")
     args = parser.parse_args(argv)
+    if args.update_readme:
+        print(f"kts run: updated {update_readme(args.results).name}")
+        return 0
     try:
         metrics = run(args.profile, args.seed, args.results, args.runs, args.work, args.data, args.only, args.force)
     except NotebookFailed as exc:
         print(f"kts run: {exc}", file=sys.stderr)
         return 1
+    if args.profile == "paper" and args.results is None:
+        update_readme()
     wall = metrics["provenance"]["wall_s_total"]
     print(f"kts run: {len(metrics['provenance']['wall_s_per_notebook'])} notebooks, {wall:.0f} s; "
           f"results in {args.results or config.results_dir(args.profile)}")
     return 0
+
+
+# --- README's generated sections --------------------------------------------------------------
+
+def results_section(results: str | os.PathLike) -> str:
+    """The README's "Results" section, generated from ``results/`` (never typed in)."""
+    results = Path(results)
+    metrics = json.loads((results / "metrics.json").read_text()) if (results / "metrics.json").exists() else {}
+    prov = metrics.get("provenance", {})
+    lines = [f"From a `{prov.get('profile', '?')}`-profile run (seed {prov.get('seed', '?')}, commit "
+             f"`{(prov.get('git_commit') or 'unknown')[:10]}`, {prov.get('wall_s_total', 0) / 60:.0f} min on "
+             f"{prov.get('cpu_count', '?')} cores) on the **phantom**: these are not the paper's data.", ""]
+    if (results / "table1.md").exists():
+        table = (results / "table1.md").read_text().split("\n\n", 2)[-1]
+        lines += ["**Table I**, regenerated (`results/table1.md`, `results/table1.csv`):", "", table.strip(), ""]
+    for stem, caption in (("fig5_cascade_segmentation_results", "Figure 5: input, ground truth, CU-Net kidney "
+                                                               "segment, Mask R-CNN tumour lineation"),
+                          ("fig6_cunet_accuracy_loss_per_epoch", "Figure 6: CU-Net accuracy and loss per epoch"),
+                          ("fig1_kidney_no_mild_moderate_tumour", "Figure 1: no, mild and moderate tumour"),
+                          ("fig3_mr_slice_and_ground_truth", "Figure 3: an MR slice and its ground truth")):
+        if (results / f"{stem}.png").exists():
+            lines += [f"![{caption}](results/{stem}.png)", "", f"*{caption}.*", ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def replace_block(text: str, name: str, body: str) -> str:
+    """Replace what stands between ``<!-- name:start -->`` and ``<!-- name:end -->``."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    if start not in text or end not in text:
+        raise ValueError(f"README has no {start} ... {end} block")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{start}\n{body.rstrip()}\n{end}{tail}"
+
+
+def update_readme(results: str | os.PathLike | None = None, readme: str | os.PathLike | None = None) -> Path:
+    """Regenerate README's results and benchmark blocks from ``results/`` (``kts run --update-readme``)."""
+    results = Path(results) if results is not None else config.results_dir("paper")
+    readme = Path(readme) if readme is not None else config.project_root() / "README.md"
+    text = replace_block(readme.read_text(), "results", results_section(results))
+    if (results / "bench.md").exists():
+        text = replace_block(text, "bench", (results / "bench.md").read_text())
+    return kts_io.write_text(readme, text)

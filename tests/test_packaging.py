@@ -51,3 +51,19 @@ def test_ci_runs_readme_test_command_verbatim():
     test_command = [c.strip() for c in commands if "test" in c and c.strip().startswith("make")]
     assert test_command, "README must show its test command in a bash block"
     assert test_command[0] in ci.splitlines()
+
+
+def test_readme_results_are_generated_not_typed():
+    """README's results and benchmark blocks are exactly what the code renders from results/."""
+    import pytest
+
+    from kts import pipeline
+
+    results = ROOT / "results"
+    readme = (ROOT / "README.md").read_text()
+    if not (results / "metrics.json").exists():
+        pytest.skip("no committed paper-profile results yet")
+    expected = pipeline.replace_block(readme, "results", pipeline.results_section(results))
+    if (results / "bench.md").exists():
+        expected = pipeline.replace_block(expected, "bench", (results / "bench.md").read_text())
+    assert readme == expected, "README is stale: run `python -m kts run --update-readme`"

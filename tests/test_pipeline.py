@@ -1,27 +1,62 @@
 """One full quick-profile run of every notebook with papermill, asserting on the numbers it wrote.
 
+The phantom it runs on is written with a fake patient name, birth date, institution and
+accession number in every DICOM header; afterwards every output file is searched for them.
 Runs before nbval (tests/ before notebooks/ in testpaths) and shares the session folders set by
-the root conftest.py, so nbval then re-executes the notebooks on the models trained here.
+the root conftest.py (``KTS_SOURCE_ROOT`` stays set), so nbval then re-executes the notebooks on
+the models trained here.
 """
 import json
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from kts import pipeline, study
+from kts import config, phantom, pipeline, study
 
 ROOT = Path(__file__).resolve().parent.parent
+BASE = Path(os.environ["KTS_TEST_BASE"])
 RESULTS = Path(os.environ["KTS_RESULTS_DIR"])
-RUNS = Path(os.environ["KTS_TEST_BASE"]) / "runs"
+RUNS = BASE / "runs"
+IDENTIFIERS = {"PatientName": "Doe^Jane", "PatientBirthDate": "19700101", "InstitutionName": "Saint Nowhere Hospital",
+               "AccessionNumber": "ACC7731", "ReferringPhysicianName": "Strange^Stephen"}
+SECRETS = [b"Doe^Jane", b"19700101", b"Saint Nowhere", b"ACC7731", b"Strange^Stephen"]
 
 
 @pytest.fixture(scope="module")
 def metrics():
+    quick = config.get_profile("quick")
+    source = phantom.write_dataset(Path(os.environ["KTS_DATA_DIR"]) / "phantom-with-identifiers", n_cases=quick.n_cases,
+                                   seed=0, difficulty=quick.difficulty, header_overrides=IDENTIFIERS)
+    os.environ[config.SOURCE_ENV] = str(source)
     return pipeline.run("quick", seed=0, results=RESULTS, runs=RUNS)
+
+
+def _contents(path: Path):
+    data = path.read_bytes()
+    yield data
+    if zipfile.is_zipfile(path):  # .npz, .keras: look inside the compressed members too
+        with zipfile.ZipFile(path) as archive:
+            for name in archive.namelist():
+                yield archive.read(name)
+
+
+@pytest.mark.slow
+def test_no_patient_identifier_reaches_any_output(metrics):
+    """PS3.15 Annex E attributes written into the DICOM never appear in results, runs, checkpoints or caches."""
+    scanned = 0
+    for folder in (RESULTS, RUNS, Path(os.environ["KTS_WORK_DIR"]), Path(os.environ["KTS_DATA_DIR"]) / "cache"):
+        for path in folder.rglob("*"):
+            if path.is_file():
+                scanned += 1
+                for blob in _contents(path):
+                    for secret in SECRETS:
+                        assert secret not in blob, f"{secret!r} found in {path}"
+    assert scanned > 30
 
 
 @pytest.mark.slow
