@@ -103,11 +103,12 @@ def test_run_measured_reads_peak_memory_and_exit_code():
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(150)
 def test_quick_benchmark_writes_every_field(tmp_path):
+    # No time limit asserted: speed lives in the benchmark's figures, never in a test (the
+    # --quick mode takes about a minute on 2 quiet cores, several on a loaded machine).
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, "-m", "kts.bench", "--quick", "--out", str(out)],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = json.loads(out.read_text())
     assert (tmp_path / "bench.md").read_text().startswith("# kts benchmark")
