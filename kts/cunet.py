@@ -107,7 +107,8 @@ def build_cunet(
     factor_h, factor_w = e[0] ** levels, e[1] ** levels
     if height % factor_h or width % factor_w:
         raise ValueError(
-            f"input size {height}x{width} must be divisible by {factor_h}x{factor_w} (pool {e} applied {levels} times); "
+            f"input size {height}x{width} (input_shape, or the training images' size) must be divisible by "
+            f"{factor_h}x{factor_w} (pool {e} applied {levels} times); "
             f"resize to e.g. {(height // factor_h + 1) * factor_h}x{(width // factor_w + 1) * factor_w}")
     if not 0.0 <= float(f_rate) < 1.0:
         raise ValueError(f"f_rate (dropout rate) must be in [0, 1), got {f_rate!r}")

@@ -455,7 +455,7 @@ def read_png_masks(mask_dir: str | os.PathLike, metas: Sequence[SliceMeta], *, a
         labels = np.unique(kidney)
         bad = [int(v) for v in labels if v not in (0, 1, 255)]
         if bad:
-            raise MaskError(kidney_path, f"has labels {bad[:5]} ; a kidney mask holds only 0 and 1 (or 0 and 255)")
+            raise MaskError(kidney_path, f"has labels {bad[:5]}; a kidney mask holds only 0 and 1 (or 0 and 255)")
         kidney = (kidney > 0).astype(np.uint8)
         if (np.issubdtype(tumour.dtype, np.signedinteger) and tumour.min() < 0) or tumour.max() > 65535:
             raise MaskError(tumour_path, "has labels outside 0..65535; a tumour map holds 0 and instances 1..n")

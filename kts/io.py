@@ -8,12 +8,14 @@ previous version intact.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Iterator
 
+_FULL_OR_READ_ONLY = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -43,9 +45,12 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
         if tmp.is_file():  # mkstemp creates 0600; give the file the permissions open() would
             os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+        if isinstance(exc, OSError) and exc.errno in _FULL_OR_READ_ONLY:  # writers often omit the file name
+            raise OSError(exc.errno, f"{target}: cannot write ({exc.strerror or exc}); "
+                                     "the previous version, if any, is kept") from exc
         raise
 
 

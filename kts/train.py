@@ -175,6 +175,9 @@ def _check_pair(images, masks, what: str) -> None:
         raise ValueError(f"{what} set is empty")
     if np.shape(images)[:3] != np.shape(masks)[:3]:
         raise ValueError(f"{what} images {np.shape(images)} and masks {np.shape(masks)} differ in shape")
+    if not np.all(np.isfinite(np.asarray(images, dtype=np.float32))):
+        raise ValueError(f"{what} images contain NaN or Inf values; extract them with kts.data.build_dataset "
+                         "(which refuses such slices) or drop the slices")
 
 
 def train_cunet(train: tuple, validation: tuple | None, out_dir: str | os.PathLike, *,
@@ -211,6 +214,11 @@ def train_cunet(train: tuple, validation: tuple | None, out_dir: str | os.PathLi
     with scope:
         if state is not None:
             model = keras.saving.load_model(out_dir / LAST_FILE, safe_mode=True)
+            saved_shape = tuple(model.input_shape[1:3])
+            if saved_shape != (height, width):
+                raise ValueError(f"{out_dir / LAST_FILE}: resume=True, but this checkpoint was trained on "
+                                 f"{saved_shape[0]}x{saved_shape[1]} images and these are {height}x{width}; "
+                                 "train in a new out_dir (or pass resume=False to start afresh there)")
         else:
             model = build_cunet(**kwargs)
             set_output_prior(model, masks)

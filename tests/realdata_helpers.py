@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import io
+import threading
+import time
 import zipfile
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Sequence
+from urllib.parse import parse_qs, urlparse
 
 import numpy as np
 import pydicom
@@ -102,3 +106,60 @@ def series_zip(datasets: Sequence[Dataset], extra: dict[str, bytes] | None = Non
 
 def read_back(paths: Sequence[Path]) -> list[Dataset]:
     return [pydicom.dcmread(p) for p in paths]
+
+
+class LoopbackTCIA:
+    """A TCIA NBIA getImage server on 127.0.0.1 (moved from test_fetch.py).
+
+    Per-series queues of responses: ("ok", body) | ("status", code) | ("drop", body) | ("slow", s, body)."""
+
+    def __init__(self) -> None:
+        self.routes: dict[str, list[tuple]] = {}
+        self.requests: list[str] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # keep pytest output quiet
+                pass
+
+            def do_GET(self):  # noqa: N802 - http.server API
+                url = urlparse(self.path)
+                uid = parse_qs(url.query).get("SeriesInstanceUID", [""])[0]
+                server.requests.append(uid)
+                queue = server.routes.get(uid)
+                if url.path != "/nbia/getImage" or not queue:
+                    self.send_error(404)
+                    return
+                action = queue.pop(0) if len(queue) > 1 else queue[0]
+                kind = action[0]
+                if kind == "status":
+                    self.send_error(action[1])
+                    return
+                if kind == "slow":
+                    time.sleep(action[1])
+                    body = action[2]
+                else:
+                    body = action[1]
+                self.send_response(200)
+                self.send_header("Content-Type", "application/zip")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                try:
+                    self.wfile.write(body[: len(body) // 2] if kind == "drop" else body)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+                if kind == "drop":
+                    self.close_connection = True
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}/nbia"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
