@@ -47,7 +47,7 @@ import numpy as np
 import pandas as pd
 
 from kts.errors import DicomError, KtsInputError, MaskError
-from kts.io import atomic_path, write_json, write_text
+from kts.io import atomic_path, write_json, write_text, sha256_file
 
 #: Bump when extraction or preprocessing changes the stored arrays: invalidates caches.
 EXTRACTION_VERSION = "1"
@@ -592,14 +592,6 @@ class Dataset:
                        self.index.iloc[rows].reset_index(drop=True), self.fingerprint, self.cached)
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _case_folders(root: Path) -> list[Path]:
     if not root.is_dir():
         raise KtsInputError(root, "is not a folder; give the dataset root (the folder holding one folder per case)")
@@ -624,7 +616,7 @@ def _fingerprint(root: Path, cases: list[Path], params: dict[str, Any]) -> str:
             folder = case / sub
             if folder.is_dir():
                 files.extend(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-    entries = sorted((p.relative_to(root).as_posix(), _sha256_file(p)) for p in files)
+    entries = sorted((p.relative_to(root).as_posix(), sha256_file(p)) for p in files)
     payload = json.dumps({"version": EXTRACTION_VERSION, "params": params, "files": entries}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
 

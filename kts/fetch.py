@@ -45,7 +45,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from kts.errors import FetchError
-from kts.io import write_json
+from kts.io import write_json, sha256_file
 
 TCIA_BASE_URL = "https://services.cancerimagingarchive.net/nbia-api/services/v4"
 TCIA_ENV = "KTS_TCIA_BASE_URL"
@@ -83,14 +83,6 @@ def _rows(manifest_rows: Any) -> list[dict[str, Any]]:
     if isinstance(manifest_rows, Mapping):
         return [dict(manifest_rows)]
     return [dict(r) for r in manifest_rows]
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def series_digest(file_hashes: Iterable[str]) -> str:
@@ -267,7 +259,7 @@ def verify_series(folder: Path, row: Mapping[str, Any], *, source: str) -> dict[
         if not sop or sop in sops:
             raise FetchError(source, f"series {uid}: file {path.name} has a missing or repeated SOPInstanceUID")
         sops.add(sop)
-        entries[path.relative_to(folder).as_posix()] = {"sha256": _sha256(path), "size": path.stat().st_size,
+        entries[path.relative_to(folder).as_posix()] = {"sha256": sha256_file(path), "size": path.stat().st_size,
                                                         "sop_instance_uid": sop}
     digest = series_digest(e["sha256"] for e in entries.values())
     wanted = str(row.get("sha256", "") or "").strip().lower()

@@ -52,7 +52,12 @@ class MaskRCNNConfig:
     MobileNetV2 (width 0.5) at 64x64 crops, batch 4. Sizes in pixels of the crop.
     ``flip``: ``"double"`` adds a horizontally flipped copy of every training crop (the
     paper's "2x" augmentation, section IV), ``"random"`` flips each sample with p=0.5
-    (Model Garden's ``aug_rand_hflip``), ``"none"`` trains on the crops as given.
+    (Model Garden's ``aug_rand_hflip``), ``"none"`` trains on the crops as given,
+    ``"dihedral"`` (not in the paper) adds all 8 quarter-turn/flip copies of every crop.
+    ``optimizer`` (``"adam"`` or ``"sgd"`` with momentum 0.9) and ``lr_schedule``
+    (``"constant"`` or ``"cosine"`` decay to 0 over the training steps, both after a linear
+    ``warmup_steps`` ramp) choose the recipe; ``rpn_*``, ``roi_foreground_fraction`` and
+    ``mask_loss_weight`` are passed to Model Garden (their defaults are Model Garden's).
     """
 
     name: str = "custom"

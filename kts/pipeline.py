@@ -73,8 +73,11 @@ def _git_commit() -> str | None:
 def run(profile: str = "paper", seed: int = 0, results: str | os.PathLike | None = None,
         runs: str | os.PathLike | None = None, work: str | os.PathLike | None = None,
         data: str | os.PathLike | None = None, only: list[str] | None = None, force: bool = False,
-        parameters: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Execute the notebooks with papermill; return (and write) the run's ``metrics.json``."""
+        parameters: dict[str, Any] | None = None, notebooks: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Execute the notebooks with papermill; return (and write) the run's ``metrics.json``.
+
+    ``notebooks``: the folder of numbered notebooks (default the checkout's ``notebooks/``).
+    """
     import papermill as pm
 
     config.get_profile(profile)
@@ -96,7 +99,7 @@ def run(profile: str = "paper", seed: int = 0, results: str | os.PathLike | None
     saved_env = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     params = {"PROFILE": profile, "SEED": seed, **(parameters or {})}
-    notebooks = list_notebooks()
+    notebooks = list_notebooks(Path(notebooks) if notebooks is not None else None)
     if only:
         notebooks = [nb for nb in notebooks if any(nb.name.startswith(o) for o in only)]
     sources = _sources_digest()
@@ -173,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         metrics = run(args.profile, args.seed, args.results, args.runs, args.work, args.data, args.only, args.force)
-    except NotebookFailed as exc:
+    except (NotebookFailed, ValueError, OSError) as exc:  # KtsInputError is a ValueError
         print(f"kts run: {exc}", file=sys.stderr)
         return 1
     if args.profile == "paper" and args.results is None:

@@ -213,10 +213,11 @@ def train_cunet(train: tuple, validation: tuple | None, out_dir: str | os.PathLi
     state = _load_state(out_dir) if resume else None
     with scope:
         if state is not None:
-            model = keras.saving.load_model(out_dir / LAST_FILE, safe_mode=True)
+            last = checkpoint_path(out_dir, LAST_FILE, state)
+            model = keras.saving.load_model(last, safe_mode=True)
             saved_shape = tuple(model.input_shape[1:3])
             if saved_shape != (height, width):
-                raise ValueError(f"{out_dir / LAST_FILE}: resume=True, but this checkpoint was trained on "
+                raise ValueError(f"{last}: resume=True, but this checkpoint was trained on "
                                  f"{saved_shape[0]}x{saved_shape[1]} images and these are {height}x{width}; "
                                  "train in a new out_dir (or pass resume=False to start afresh there)")
         else:
@@ -281,6 +282,7 @@ class CheckpointCallback(keras.callbacks.Callback):
         self.state = state
         self.best_value = state["best_value"] if state else float("inf")
         self.best_epoch = state["best_epoch"] if state else 0
+        self.files = dict(state.get("files", {})) if state else {}
         self.stopped = False
 
     def on_train_begin(self, logs=None):
@@ -289,7 +291,7 @@ class CheckpointCallback(keras.callbacks.Callback):
         for cb, key in ((self.early_stopping_cb, "early_stopping"), (self.reduce_lr_cb, "reduce_lr")):
             cb.wait = self.state[key]["wait"]
             cb.best = self.state[key]["best"]
-        best_model = keras.saving.load_model(self.out_dir / BEST_FILE, safe_mode=True)
+        best_model = keras.saving.load_model(checkpoint_path(self.out_dir, BEST_FILE, self.state), safe_mode=True)
         self.early_stopping_cb.best_weights = best_model.get_weights()
         self.early_stopping_cb.best_epoch = self.best_epoch - 1
 
@@ -311,22 +313,45 @@ class CheckpointCallback(keras.callbacks.Callback):
         value = float(logs.get(self.config.monitor, np.inf))
         if value < self.best_value:
             self.best_value, self.best_epoch = value, epoch + 1
-            _save_model(self.model, self.out_dir / BEST_FILE)
-        _save_model(self.model, self.out_dir / LAST_FILE)
+            self.files[BEST_FILE] = _save_model(self.model, self.out_dir / BEST_FILE)
+        self.files[LAST_FILE] = _save_model(self.model, self.out_dir / LAST_FILE)
         _write_history(self.out_dir / HISTORY_FILE, self.rows)
         es = self.early_stopping_cb
         self.stopped = bool(es.wait >= es.patience and epoch > 0)
+        # state.json is the commit point of the epoch: it names the checkpoint files (by hash)
+        # that belong to it, so an interrupt between two of these writes is harmless.
         kts_io.write_json(self.out_dir / STATE_FILE, {
             "epoch": epoch + 1, "seed": self.seed, "config": dataclasses.asdict(self.config),
             "best_value": self.best_value, "best_epoch": self.best_epoch,
             "early_stopping": _callback_state(es), "reduce_lr": _callback_state(self.reduce_lr_cb),
-            "history": self.rows, "stopped": self.stopped,
+            "history": self.rows, "stopped": self.stopped, "files": dict(self.files),
         })
 
 
-def _save_model(model, path: Path) -> None:
+def _previous(path: Path) -> Path:
+    return path.with_name(path.stem + ".prev" + path.suffix)
+
+
+def _save_model(model, path: Path) -> str:
+    """Save atomically, keeping the version before as ``*.prev.keras``; return the new file's sha256."""
+    if path.exists():
+        os.replace(path, _previous(path))
     with kts_io.atomic_path(path) as tmp:
         model.save(tmp)
+    return kts_io.sha256_file(path)
+
+
+def checkpoint_path(out_dir: Path, name: str, state: dict | None) -> Path:
+    """The checkpoint file that belongs to the epoch ``state.json`` records (the file or its ``.prev``)."""
+    path = Path(out_dir) / name
+    expected = (state or {}).get("files", {}).get(name)
+    if expected is None:
+        return path
+    for candidate in (path, _previous(path)):
+        if candidate.exists() and kts_io.sha256_file(candidate) == expected:
+            return candidate
+    raise ValueError(f"{path}: no checkpoint matches {Path(out_dir) / STATE_FILE} (epoch {state.get('epoch')}); "
+                     "delete the folder to train afresh")
 
 
 def _write_history(path: Path, rows: list[dict]) -> None:
@@ -338,7 +363,7 @@ def _write_history(path: Path, rows: list[dict]) -> None:
 
 def _load_state(out_dir: Path) -> dict | None:
     path = out_dir / STATE_FILE
-    if not path.exists() or not (out_dir / LAST_FILE).exists():
+    if not path.exists():
         return None
     try:
         return json.loads(path.read_text())
@@ -349,10 +374,10 @@ def _load_state(out_dir: Path) -> dict | None:
 def _finish(out_dir: Path, rows: list[dict], stopped: bool) -> TrainResult:
     import pandas as pd
 
-    best = out_dir / BEST_FILE if (out_dir / BEST_FILE).exists() else out_dir / LAST_FILE
-    model = keras.saving.load_model(best, safe_mode=True)
-    history = pd.DataFrame(rows)
     state = _load_state(out_dir) or {}
+    name = BEST_FILE if BEST_FILE in state.get("files", {}) or (out_dir / BEST_FILE).exists() else LAST_FILE
+    model = keras.saving.load_model(checkpoint_path(out_dir, name, state), safe_mode=True)
+    history = pd.DataFrame(rows)
     return TrainResult(model=model, history=history, out_dir=out_dir,
                        best_epoch=int(state.get("best_epoch", len(rows))), stopped_early=bool(stopped))
 

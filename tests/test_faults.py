@@ -101,8 +101,6 @@ def test_training_killed_mid_epoch_resumes_to_the_uninterrupted_result(tmp_path,
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="checkpoint files of one epoch are not replaced together: an interrupt "
-                   "after last.keras and before state.json resumes from the next epoch's weights (reported)")
 def test_training_interrupted_between_checkpoint_files_resumes_exactly(tmp_path, uninterrupted, monkeypatch):
     """The narrow window in ``CheckpointCallback.on_epoch_end``: last.keras written, state.json not yet."""
     from kts import io as kts_io

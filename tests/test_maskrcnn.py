@@ -50,6 +50,32 @@ def test_profiles_and_config_validation():
         MaskRCNNConfig(crop_size=100)
     with pytest.raises(ValueError, match="flip"):
         MaskRCNNConfig(flip="vertical")
+    with pytest.raises(ValueError, match="optimizer"):
+        MaskRCNNConfig(optimizer="rmsprop")
+    with pytest.raises(ValueError, match="lr_schedule"):
+        MaskRCNNConfig(lr_schedule="step")
+    with pytest.raises(ValueError, match="rpn_unmatched_threshold"):
+        MaskRCNNConfig(rpn_match_threshold=0.3, rpn_unmatched_threshold=0.5)
+
+
+def test_recipe_fields_reach_the_model_garden_config():
+    config = dataclasses.replace(MaskRCNNConfig.quick(), rpn_match_threshold=0.5,
+                                 roi_foreground_fraction=0.5, mask_loss_weight=2.0)
+    task = TumorMaskRCNN(config).task_config()  # a config object only: no model is built
+    assert task.train_data.parser.rpn_match_threshold == 0.5
+    assert task.model.roi_sampler.foreground_fraction == 0.5
+    assert task.losses.mask_weight == 2.0
+
+
+def test_dihedral_copies_are_the_eight_symmetries():
+    from kts.maskrcnn import _dihedral
+
+    item = np.arange(9).reshape(1, 3, 3)
+    out = _dihedral(item)
+    assert out.shape == (8, 3, 3)
+    assert len({o.tobytes() for o in out}) == 8
+    assert np.array_equal(out[0], item[0]) and np.array_equal(out[1], np.rot90(item[0]))
+    assert np.array_equal(out[4], item[0][:, ::-1])
 
 
 def test_input_validation_before_any_model_is_built():
