@@ -11,6 +11,15 @@ os.environ.setdefault("KTS_PROFILE", "quick")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("MPLBACKEND", "Agg")
+_created = "KTS_TEST_BASE" not in os.environ
 _base = os.environ.setdefault("KTS_TEST_BASE", tempfile.mkdtemp(prefix="kts-test-"))
 for _name, _sub in (("KTS_DATA_DIR", "data"), ("KTS_WORK_DIR", "work"), ("KTS_RESULTS_DIR", "results")):
     os.environ.setdefault(_name, os.path.join(_base, _sub))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Remove the session folder this conftest created (set KTS_KEEP_TEST_BASE=1 to keep it)."""
+    import shutil
+
+    if _created and not os.environ.get("KTS_KEEP_TEST_BASE"):
+        shutil.rmtree(_base, ignore_errors=True)

@@ -628,3 +628,10 @@ class _WarmupSchedule:
                 return {"rate": rate, "warmup_steps": warmup_steps, "total_steps": total_steps, "kind": kind}
 
         return Schedule()
+
+
+def clear_session() -> None:
+    """Free the tf_keras graph state of models no longer referenced (between split-study runs)."""
+    import tf_keras
+
+    tf_keras.backend.clear_session()

@@ -80,11 +80,25 @@ def run_study(dataset, profile: Profile, seeds: Iterable[int], work_dir: str | o
     for i, (partition, seed) in enumerate(((p, s) for p in partitions for s in seeds), start=1):
         t0 = time.perf_counter()
         row = run_one(dataset, partition, seed, profile, work_dir, Path(results_dir) / "predictions", progress)
+        _release_memory()
         print(f"[{i}/{total}] {partition} seed {seed}: IoU {row['iou']:.3f}, accuracy {row['accuracy']:.3f}, "
               f"tumour Dice {row['tumour_dice']:.3f}, instance F1 {row['instance_f1']:.3f} "
               f"({time.perf_counter() - t0:.0f} s)", flush=True)
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _release_memory() -> None:
+    """Drop the finished run's models so memory stays flat across partitions and seeds."""
+    import gc
+
+    import keras
+
+    from kts import maskrcnn
+
+    keras.backend.clear_session()
+    maskrcnn.clear_session()
+    gc.collect()
 
 
 def summarise(runs) -> "pd.DataFrame":
