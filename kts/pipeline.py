@@ -197,6 +197,8 @@ def results_section(results: str | os.PathLike) -> str:
     lines = [f"From a `{prov.get('profile', '?')}`-profile run (seed {prov.get('seed', '?')}, commit "
              f"`{(prov.get('git_commit') or 'unknown')[:10]}`, {prov.get('wall_s_total', 0) / 60:.0f} min on "
              f"{prov.get('cpu_count', '?')} cores) on the **phantom**: these are not the paper's data.", ""]
+    if prov.get("note"):
+        lines += [f"*This run: {prov['note']}.*", ""]
     if (results / "table1.md").exists():
         table = (results / "table1.md").read_text().split("\n\n", 2)[-1]
         lines += ["**Table I**, regenerated (`results/table1.md`, `results/table1.csv`):", "", table.strip(), ""]
