@@ -31,7 +31,8 @@ _LAZY = {
     "TumorMaskRCNN": ("kts.maskrcnn", "TumorMaskRCNN"),
 }
 _SUBMODULES = {"cascade", "cunet", "data", "fetch", "manifest", "maskrcnn", "masks", "metrics",
-               "phantom", "plots", "study", "train", "config", "errors", "io", "pipeline", "bench"}
+               "phantom", "plots", "study", "train", "config", "errors", "io", "pipeline", "bench",
+               "workflow", "cli"}
 
 __all__ = ["build_cunet", "TumorMaskRCNN", "print_config", "__version__"]
 

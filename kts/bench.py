@@ -701,17 +701,24 @@ def _fraction(rate_figure: dict | None, flops: int | None, multiplier: float, ce
     return round(gflops, 2), (round(gflops / ceiling, 4) if ceiling else None)
 
 
+def _spawn_one(out: dict, tasks: list) -> dict | None:
+    """Run one worker task; record the load average; on failure mark ``out`` skipped and return None."""
+    run = spawn(tasks)
+    out["load_average"] = run["load_average"]
+    result = run["results"][0]
+    if not result.get("ok"):
+        out["skipped"] = result["error"]
+        return None
+    return result["value"]
+
+
 def section_cunet(s: dict, ceiling: float | None) -> dict:
     out = _skipped_template(CUNET_KEYS, None)
     out.update(input_size=s["cunet_size"], z=s["cunet_z"], batch_size=s["cunet_batch"],
                paper_settings=(s["cunet_size"], s["cunet_z"], s["cunet_batch"]) == tuple(PAPER_CUNET.values()))
-    run = spawn([_cunet_task(s, flops=True, layers=True)])
-    out["load_average"] = run["load_average"]
-    r = run["results"][0]
-    if not r.get("ok"):
-        out["skipped"] = r["error"]
+    v = _spawn_one(out, [_cunet_task(s, flops=True, layers=True)])
+    if v is None:
         return out
-    v = r["value"]
     for key in ("params", "flops_forward_profiler", "flops_forward_analytic", "flops_by_op_type", "layers",
                 "train_first_call_s", "infer_first_call_s"):
         out[key] = v.get(key)
@@ -812,15 +819,11 @@ def section_torch(s: dict, cunet: dict) -> dict:
         out["skipped"] = "torch is not installed (optional: pip install 'kts[bench]')"
         return out
     expected = cunet_param_count(z=s["cunet_z"])
-    run = spawn([{"name": "torch_cunet", "params": {"size": s["cunet_size"], "z": s["cunet_z"],
+    v = _spawn_one(out, [{"name": "torch_cunet", "params": {"size": s["cunet_size"], "z": s["cunet_z"],
                                                     "batch": s["cunet_batch"], "warmup": s["warmup"],
                                                     "repeats": s["repeats"], "expected_params": expected}}])
-    out["load_average"] = run["load_average"]
-    r = run["results"][0]
-    if not r.get("ok"):
-        out["skipped"] = r["error"]
+    if v is None:
         return out
-    v = r["value"]
     out.update(version=v["version"], threads=v["threads"], params=v["params"],
                train_images_per_s=summarize(v["train_images_per_s"], "images/s"),
                infer_images_per_s=summarize(v["infer_images_per_s"], "images/s"))
@@ -835,17 +838,14 @@ def section_input_pipeline(s: dict) -> dict:
     out = _skipped_template(PIPELINE_KEYS, None)
     out.update(n_images=s["pipeline_images"], batch_size=s["cunet_batch"], steps=s["pipeline_steps"],
                input_size=s["cunet_size"])
-    run = spawn([{"name": "input_pipeline", "params": {
+    v = _spawn_one(out, [{"name": "input_pipeline", "params": {
         "size": s["cunet_size"], "z": s["cunet_z"], "batch": s["cunet_batch"], "n_images": s["pipeline_images"],
         "steps": s["pipeline_steps"], "repeats": s["repeats"]}}])
-    out["load_average"] = run["load_average"]
-    r = run["results"][0]
-    if not r.get("ok"):
-        out["skipped"] = r["error"]
+    if v is None:
         return out
-    out["pipeline_s_per_step"] = summarize(r["value"]["pipeline"], "s/step")
-    out["tensors_s_per_step"] = summarize(r["value"]["tensors"], "s/step")
-    paired = [a / b - 1 for a, b in zip(r["value"]["pipeline"], r["value"]["tensors"])]
+    out["pipeline_s_per_step"] = summarize(v["pipeline"], "s/step")
+    out["tensors_s_per_step"] = summarize(v["tensors"], "s/step")
+    paired = [a / b - 1 for a, b in zip(v["pipeline"], v["tensors"])]
     out["overhead_pct"] = round(statistics.median(paired) * 100, 2)  # median of the alternated pairs
     return out
 
@@ -889,14 +889,10 @@ def section_data(s: dict) -> dict:
         out["skipped"] = f"{', '.join(missing)} not there yet"
         return out
     with tempfile.TemporaryDirectory(prefix="kts-bench-data-") as tmp:
-        run = spawn([{"name": "data", "params": {"n_cases": s["data_cases"], "repeats": s["data_repeats"],
+        v = _spawn_one(out, [{"name": "data", "params": {"n_cases": s["data_cases"], "repeats": s["data_repeats"],
                                                  "workdir": tmp}}])
-    out["load_average"] = run["load_average"]
-    r = run["results"][0]
-    if not r.get("ok"):
-        out["skipped"] = r["error"]
+    if v is None:
         return out
-    v = r["value"]
     out.update(n_cases=v["n_cases"], n_slices=v["n_slices"])
     for key in ("generate", "write", "read_series", "build_dataset"):
         out[f"{key}_slices_per_s"] = summarize(v[key], "slices/s")

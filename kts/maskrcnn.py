@@ -285,7 +285,6 @@ class TumorMaskRCNN:
         )
 
     def _build(self, seed: int) -> None:
-        import tensorflow as tf
         import tf_keras
         from official.vision.tasks.maskrcnn import MaskRCNNTask
 

@@ -8,11 +8,12 @@ history (Figure 6 is drawn from it), and exact resumption after an interruption.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import keras
 import numpy as np
@@ -209,7 +210,7 @@ def train_cunet(train: tuple, validation: tuple | None, out_dir: str | os.PathLi
     if tuple(kwargs["input_shape"][:2]) != (height, width):
         raise ValueError(f"model input_shape {kwargs['input_shape']} does not match images {height}x{width}")
 
-    scope = strategy.scope() if strategy is not None else _null_scope()
+    scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
     state = _load_state(out_dir) if resume else None
     with scope:
         if state is not None:
@@ -240,14 +241,6 @@ def train_cunet(train: tuple, validation: tuple | None, out_dir: str | os.PathLi
               steps_per_epoch=steps_per_epoch(len(images), config.batch_size),
               callbacks=callbacks, verbose=verbose)
     return _finish(out_dir, checkpoint_cb.rows, checkpoint_cb.stopped)
-
-
-class _null_scope:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _callbacks(out_dir: Path, config: TrainConfig, seed: int, state: dict | None, history_rows: list):
