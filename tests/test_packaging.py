@@ -67,3 +67,14 @@ def test_readme_results_are_generated_not_typed():
     if (results / "bench.md").exists():
         expected = pipeline.replace_block(expected, "bench", (results / "bench.md").read_text())
     assert readme == expected, "README is stale: run `python -m kts run --update-readme`"
+
+
+def test_readme_parameter_count_is_the_built_models():
+    """README quotes the default CU-Net's size; it must be what build_cunet builds, not a typed-in guess."""
+    from kts import build_cunet
+    from kts.cunet import forward_flops
+
+    model = build_cunet()
+    readme = (ROOT / "README.md").read_text()
+    assert f"**{model.count_params():,} parameters**" in readme
+    assert f"{forward_flops(model) / 1e9:.2f} GFLOP" in readme
