@@ -156,6 +156,20 @@ def _collect(results: Path, profile: str, seed: int, timings: dict, wall: float)
     }
 
 
+def parse_parameter(text: str) -> tuple[str, Any]:
+    """``"SEEDS=1"`` -> ``("SEEDS", 1)``; ``"PARTITION=TD-60% VD-20%"`` keeps the string."""
+    import argparse
+    import ast
+
+    name, sep, value = text.partition("=")
+    if not sep or not name.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE with a Python name; got {text!r}")
+    try:
+        return name, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return name, value
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -168,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default=None, help="data folder (default data/)")
     parser.add_argument("--only", nargs="*", help="notebook prefixes to run, e.g. 01 02")
     parser.add_argument("--force", action="store_true", help="re-run notebooks even when up to date")
+    parser.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE", type=parse_parameter,
+                        help="a notebook parameter for every notebook, as papermill's -p (e.g. -p SEEDS 1 is "
+                             "-p SEEDS=1); the value is read as a Python literal, else kept as a string")
     parser.add_argument("--update-readme", action="store_true",
                         help="only regenerate README's results and benchmark sections from the results folder")
     args = parser.parse_args(argv)
@@ -175,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kts run: updated {update_readme(args.results).name}")
         return 0
     try:
-        metrics = run(args.profile, args.seed, args.results, args.runs, args.work, args.data, args.only, args.force)
+        metrics = run(args.profile, args.seed, args.results, args.runs, args.work, args.data, args.only, args.force,
+                      parameters=dict(args.param) or None)
     except (NotebookFailed, ValueError, OSError) as exc:  # KtsInputError is a ValueError
         print(f"kts run: {exc}", file=sys.stderr)
         return 1

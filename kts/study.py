@@ -37,13 +37,13 @@ def run_one(dataset, partition: str, seed: int, profile: Profile, work_dir: str 
     from kts import data, workflow
 
     slug = data.partition_slug(partition)
-    run_dir = Path(work_dir) / f"{slug}-seed{seed}"
+    run_dir = Path(work_dir) / workflow.run_name(partition, seed)  # == workflow.run_folder(work, ...)
     done = run_dir / "metrics.json"
     if done.exists():
         return json.loads(done.read_text())
     started = time.perf_counter()
     splits = data.split_partition(dataset.index, partition, seed=seed)
-    data.save_splits(run_dir / "splits.json", {f"{slug}-seed{seed}": splits})
+    data.save_splits(run_dir / "splits.json", {run_dir.name: splits})
     kidney = workflow.train_kidney_stage(dataset, splits, profile, run_dir / "cunet", seed=seed)
     tumour_model, _ = workflow.train_tumour_stage(dataset, splits, profile, run_dir / "maskrcnn", seed=seed,
                                                   progress=progress, validate=False)
@@ -51,7 +51,7 @@ def run_one(dataset, partition: str, seed: int, profile: Profile, work_dir: str 
     probabilities, result = workflow.run_cascade(kidney.model, tumour_model, test.images)
     scores = workflow.score_cascade(probabilities, result.kidney_masks, result.tumor_labels, test.kidney_masks,
                                     test.tumor_labels, instance_predictions=result.instances)
-    with kts_io.atomic_path(Path(predictions_dir) / f"{slug}-seed{seed}.npz") as tmp:
+    with kts_io.atomic_path(Path(predictions_dir) / f"{run_dir.name}.npz") as tmp:
         np.savez_compressed(tmp, case_ids=np.array(test.index["case_id"], dtype=str),
                             kidney_probability=probabilities.astype(np.float16),
                             kidney_pred=result.kidney_masks.astype(np.uint8),

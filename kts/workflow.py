@@ -45,6 +45,22 @@ def prepare_dataset(profile: Profile, seed: int = 0, source_root: str | os.PathL
     return dataset, source_root
 
 
+def run_name(partition: str, seed: int) -> str:
+    """``"70-6-seed0"``: the folder name of one partition and seed (Table I)."""
+    from kts import data
+
+    return f"{data.partition_slug(partition)}-seed{int(seed)}"
+
+
+def run_folder(work_dir: str | os.PathLike, partition: str, seed: int) -> Path:
+    """Where one partition-seed's models live: ``work/study/<run_name>``.
+
+    Notebooks 02-04 and 06 train (or reload) their models here, and the split study of
+    notebook 05 finds them there, so the partition they show is not trained twice.
+    """
+    return Path(work_dir) / "study" / run_name(partition, seed)
+
+
 def cunet_train_config(profile: Profile, epochs: int | None = None):
     """The paper's recipe (section IV) with the profile's epochs, batch and patience."""
     from kts.train import TrainConfig

@@ -181,6 +181,20 @@ def test_interrupted_pipeline_restarts_at_the_first_missing_or_stale_notebook(tm
     assert run() == ["03_c"]  # a missing executed copy
 
 
+def test_cli_parameters_are_read_like_papermill_values():
+    import argparse
+
+    from kts import pipeline
+
+    assert pipeline.parse_parameter("SEEDS=1") == ("SEEDS", 1)
+    assert pipeline.parse_parameter("DELTA=0.05") == ("DELTA", 0.05)
+    assert pipeline.parse_parameter("RESUME=False") == ("RESUME", False)
+    assert pipeline.parse_parameter("PARTITION=TD-60% VD-20%") == ("PARTITION", "TD-60% VD-20%")
+    for bad in ("SEEDS", "=1", "2X=1"):
+        with pytest.raises(argparse.ArgumentTypeError, match="NAME=VALUE"):
+            pipeline.parse_parameter(bad)
+
+
 # ----------------------------------------------------------------------------- full disk, read-only folder
 
 

@@ -112,3 +112,16 @@ def test_rerun_skips_up_to_date_notebooks(metrics, capsys):
     again = pipeline.run("quick", seed=0, results=RESULTS, runs=RUNS)
     assert "up to date, skipped" in capsys.readouterr().out
     assert again["notebooks"]["05_table1_split_study"] == metrics["notebooks"]["05_table1_split_study"]
+
+
+@pytest.mark.slow
+def test_split_study_scores_the_models_of_notebooks_02_to_04(metrics):
+    """05 finds 02-03's TD-70%/VD-6% models in work/study/70-6-seed0 and scores them, not retrained ones."""
+    shown = metrics["notebooks"]["04_figure5"]["test"]
+    row = pd.read_csv(RESULTS / "table1.csv").set_index("partition").loc["TD-70% VD-6%"]
+    for key in ("iou", "accuracy", "kidney_dice", "tumour_dice", "instance_f1"):
+        assert row[f"{key}_mean"] == pytest.approx(shown[key], abs=1e-4), key
+    run = Path(os.environ["KTS_WORK_DIR"]) / "study" / "70-6-seed0"
+    assert (run / "maskrcnn" / "history.json").is_file() and (run / "metrics.json").is_file()
+    history = json.loads((run / "maskrcnn" / "history.json").read_text())["history"]
+    assert any("val_f1" in step for step in history)  # trained by notebook 03 (it validates), not by the study
