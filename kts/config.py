@@ -43,6 +43,8 @@ class Profile:
     maskrcnn_steps: int
     # Table I split study
     seeds: int
+    # unseen MR contrasts (notebook 07): the weightings left out, one CU-Net each
+    contrasts_left_out: tuple[str, ...] = ("t1_post", "t2", "t1_pre")
 
 
 PROFILES: dict[str, Profile] = {
@@ -56,7 +58,7 @@ PROFILES: dict[str, Profile] = {
         name="quick", n_cases=30, slices_per_case=1, difficulty="paper", image_size=128,
         cunet_base_filters=8, cunet_epochs=25, cunet_batch_size=4,
         early_stopping_patience=8, reduce_lr_patience=4,
-        maskrcnn_profile="quick", maskrcnn_steps=80, seeds=1,
+        maskrcnn_profile="quick", maskrcnn_steps=80, seeds=1, contrasts_left_out=("t1_pre",),
     ),
 }
 

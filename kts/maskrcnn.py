@@ -356,8 +356,13 @@ class TumorMaskRCNN:
     # -- training ------------------------------------------------------------------------
     def fit(self, images: Any, instance_label_maps: Any, steps: int = 300,
             validation: tuple[Any, Any] | None = None, seed: int = 0, progress: bool = True,
-            validate_every: int = 100, deterministic: bool = True) -> list[dict[str, float]]:
-        """Train from scratch on kidney crops and their tumour instance label maps (section IV).
+            validate_every: int = 100, deterministic: bool = True,
+            initial_weights: str | os.PathLike | None = None) -> list[dict[str, float]]:
+        """Train on kidney crops and their tumour instance label maps (section IV).
+
+        From scratch by default; ``initial_weights`` (a folder written by :meth:`save`, of
+        the same architecture) fine-tunes those weights instead (errata E35: the paper most
+        plausibly started from pretrained weights).
 
         Losses per step are Model Garden's own (``MaskRCNNTask.train_step``): total, RPN
         score/box, Fast R-CNN class/box, mask. With ``validation=(crops, label_maps)``, every
@@ -387,10 +392,14 @@ class TumorMaskRCNN:
             labels = np.concatenate([labels, labels[:, :, ::-1]])
         elif c.flip == "dihedral":  # the 8 flips/quarter turns of every crop
             crops, labels = _dihedral(crops), _dihedral(labels)
+        if initial_weights is not None:
+            self._saved_config(initial_weights, c)  # a clear error before anything is built
         if deterministic:
             tf.config.experimental.enable_op_determinism()
         self.seed = seed
         self._build(seed)  # seeds python, numpy and TF, then builds fresh weights
+        if initial_weights is not None:
+            self._read_weights(initial_weights, checked=True)
         task, model = self._task, self._model
         schedule = _WarmupSchedule(c.learning_rate, c.warmup_steps, int(steps), c.lr_schedule)
         if c.optimizer == "sgd":
@@ -546,8 +555,14 @@ class TumorMaskRCNN:
     @classmethod
     def load(cls, path: str | os.PathLike, config: MaskRCNNConfig | None = None) -> "TumorMaskRCNN":
         """Rebuild from :meth:`save` output; ``config`` (if given) must match the saved one."""
-        import tensorflow as tf
+        saved_config, seed = cls._saved_config(path, config)
+        obj = cls(config if config is not None else saved_config, seed=seed)
+        obj._read_weights(path, checked=True)
+        return obj
 
+    @staticmethod
+    def _saved_config(path: str | os.PathLike, config: MaskRCNNConfig | None) -> tuple[MaskRCNNConfig, int]:
+        """The config and seed :meth:`save` wrote in ``path``; checks the checkpoint is there and fits ``config``."""
         from kts.errors import KtsInputError
 
         folder = Path(path)
@@ -567,17 +582,23 @@ class TumorMaskRCNN:
                 f"config {config.name!r}; differing fields (requested, saved): {diff}")
         if not (folder / f"{CHECKPOINT_PREFIX}.index").is_file():
             raise KtsInputError(folder, f"no checkpoint {CHECKPOINT_PREFIX}.index here; the save was incomplete")
-        obj = cls(config if config is not None else saved_config, seed=int(saved.get("seed", 0)))
-        model = obj.model
+        return saved_config, int(saved.get("seed", 0))
+
+    def _read_weights(self, path: str | os.PathLike, checked: bool = False) -> None:
+        """Read the weights :meth:`save` wrote into this (built) model."""
+        import tensorflow as tf
+
+        folder = Path(path)
+        if not checked:
+            self._saved_config(folder, self.config)
         try:
-            status = tf.train.Checkpoint(model=model).read(str(folder / CHECKPOINT_PREFIX))
+            status = tf.train.Checkpoint(model=self.model).read(str(folder / CHECKPOINT_PREFIX))
             status.assert_existing_objects_matched()
         except (AssertionError, ValueError, tf.errors.OpError) as exc:
             raise ValueError(
-                f"{folder}: checkpoint weights do not fit config {obj.config.name!r} "
-                f"({obj.config.architecture()}): {str(exc).splitlines()[0][:300]}") from None
+                f"{folder}: checkpoint weights do not fit config {self.config.name!r} "
+                f"({self.config.architecture()}): {str(exc).splitlines()[0][:300]}") from None
         status.expect_partial()
-        return obj
 
 
 def detections_to_labels(detections: dict[str, np.ndarray], shape: Sequence[int], min_pixels: int = 1) -> np.ndarray:

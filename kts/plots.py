@@ -303,3 +303,17 @@ def explorer_view(image, kidney_gt, tumour_gt, kidney_probability, tumour_pred, 
     ax.set_title(f"threshold {threshold:.2f}: kidney IoU {scores['kidney_iou']:.3f}, Dice {scores['kidney_dice']:.3f}",
                  fontsize=9)
     return fig, scores
+
+
+def contrasts_figure(images: Sequence[np.ndarray], kidney_masks: Sequence[np.ndarray], titles: Sequence[str], *,
+                     panel_size: float = 3.0) -> Figure:
+    """One slice per MR weighting, kidney ground truth outlined (section III.A: intensity varies by scanner)."""
+    if not (len(images) == len(kidney_masks) == len(titles)) or not len(images):
+        raise ValueError("contrasts_figure needs as many images, kidney masks and titles, at least one of each")
+    fig = Figure(figsize=(len(images) * panel_size, panel_size + 0.5), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(images)))
+    for ax, image, mask, title in zip(axes, images, kidney_masks, titles):
+        _show_image(ax, np.asarray(image))
+        ax.contour((np.asarray(mask) > 0).astype(np.float32), levels=[0.5], colors="yellow", linewidths=0.8)
+        ax.set_title(title, fontsize=9)
+    return fig

@@ -104,6 +104,12 @@ def test_load_refuses_another_config_without_touching_tensorflow(tmp_path):
         TumorMaskRCNN.load(tmp_path / "missing")
     with pytest.raises(KtsInputError, match="weights.index"):
         TumorMaskRCNN.load(tmp_path)  # config but no weights
+    # fine-tuning from weights of another architecture: refused before anything is built
+    model = TumorMaskRCNN(MaskRCNNConfig.paper())
+    crops = np.zeros((2, 128, 128), np.float32)
+    with pytest.raises(ValueError, match="cannot load into config 'paper'"):
+        model.fit(crops, np.zeros((2, 128, 128), np.uint16), steps=1, initial_weights=tmp_path)
+    assert model._model is None
 
 
 def test_detections_to_labels_higher_score_wins():
@@ -162,6 +168,19 @@ def test_empty_crop_and_threshold_one_give_empty_predictions(trained):
     labels = model.predict_labels(flat, score_threshold=1.0)
     assert labels.shape == (2, 64, 64) and labels.dtype == np.uint16 and not labels.any()
     assert model.predict(np.zeros((0, 64, 64))) == []
+
+
+@pytest.mark.slow
+def test_fine_tuning_starts_from_the_given_weights(trained, tmp_path):
+    """fit(initial_weights=...) continues from saved weights (errata E35): one near-zero step keeps the detector
+    (one step from scratch finds nothing: the untrained model's recall is 0)."""
+    model, _ = trained
+    model.save(tmp_path / "pretrained")
+    images, labels = blob_crops(16, model.config.crop_size, seed=1)
+    slow = dataclasses.replace(model.config, learning_rate=1e-7, warmup_steps=0)
+    tuned = TumorMaskRCNN(slow)
+    tuned.fit(images[:4], labels[:4], steps=1, seed=0, progress=False, initial_weights=tmp_path / "pretrained")
+    assert tuned.evaluate(images, labels)["recall"] >= 0.8
 
 
 @pytest.mark.slow

@@ -125,3 +125,14 @@ def test_split_study_scores_the_models_of_notebooks_02_to_04(metrics):
     assert (run / "maskrcnn" / "history.json").is_file() and (run / "metrics.json").is_file()
     history = json.loads((run / "maskrcnn" / "history.json").read_text())["history"]
     assert any("val_f1" in step for step in history)  # trained by notebook 03 (it validates), not by the study
+
+
+@pytest.mark.slow
+def test_unseen_contrast_numbers(metrics):
+    runs = metrics["notebooks"]["07_unseen_contrasts"]["runs"]
+    assert [r["held_out"] for r in runs] == list(config.get_profile("quick").contrasts_left_out)
+    for r in runs:
+        assert r["held_out"] not in r["trained_on"] and r["n_test_unseen"] == 10
+        assert 0.0 <= r["test_unseen_dice"] <= 1.0 and r["dice_gap"] == pytest.approx(
+            r["test_seen_dice"] - r["test_unseen_dice"])
+    assert "kidney Dice, unseen" in (RESULTS / "contrasts.md").read_text()

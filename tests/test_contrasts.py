@@ -1,0 +1,45 @@
+"""Leave-one-contrast-out splits and table (kts/contrasts.py); the training runs in notebook 07."""
+import pandas as pd
+import pytest
+
+from kts import contrasts, data
+from kts.phantom import WEIGHTINGS, case_id_for, weighting_for
+
+
+def index(n_cases=30, slices=2):
+    rows = [{"case_id": case_id_for(i), "weighting": weighting_for(i), "slice_index": s}
+            for i in range(n_cases) for s in range(slices)]
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize("held_out", WEIGHTINGS)
+def test_leave_one_out_splits_by_case_and_weighting(held_out):
+    idx = index()
+    splits = contrasts.leave_one_out_splits(idx, held_out, seed=3)
+    weighting = idx.drop_duplicates("case_id").set_index("case_id")["weighting"]
+    assert {weighting[c] for c in splits["test_unseen"]} == {held_out}
+    assert len(splits["test_unseen"]) == 10
+    seen = splits["train"] + splits["val"] + splits["test_seen"]
+    assert held_out not in {weighting[c] for c in seen} and len(seen) == len(set(seen)) == 20
+    assert [len(splits[k]) for k in ("train", "val", "test_seen")] == list(data.split_sizes(20, *contrasts.SEEN_SPLIT))
+    assert splits == contrasts.leave_one_out_splits(idx.sample(frac=1.0, random_state=1), held_out, seed=3)
+    assert splits != contrasts.leave_one_out_splits(idx, held_out, seed=4)
+
+
+def test_leave_one_out_refuses_what_it_cannot_do():
+    with pytest.raises(ValueError, match="'t3' is not in this dataset"):
+        contrasts.leave_one_out_splits(index(), "t3")
+    one = index().assign(weighting="t2")
+    with pytest.raises(ValueError, match="at least two weightings"):
+        contrasts.leave_one_out_splits(one, "t2")
+    with pytest.raises(ValueError, match="no 'weighting' column"):
+        contrasts.leave_one_out_splits(index().drop(columns="weighting"), "t2")
+
+
+def test_table_files(tmp_path):
+    table = pd.DataFrame([{"held_out": "t2", "trained_on": ["t1_post", "t1_pre"], "n_test_seen": 4,
+                           "test_seen_dice": 0.9, "n_test_unseen": 10, "test_unseen_dice": 0.75, "dice_gap": 0.15}])
+    text = contrasts.write_table(table, tmp_path)
+    assert "| t2 | t1_post, t1_pre | 4 | 0.900 | 10 | 0.750 | +0.150 |" in text
+    assert (tmp_path / "contrasts.md").read_text().endswith(text)
+    assert pd.read_csv(tmp_path / "contrasts.csv")["trained_on"][0] == "t1_post t1_pre"
