@@ -13,12 +13,15 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 
 from kts import io as kts_io
 from kts.config import Profile
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 PAPER_TABLE1 = {
     # partition: (IoU, accuracy) as printed in Table I of the paper - the reference column only
