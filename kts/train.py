@@ -25,6 +25,8 @@ BEST_FILE = "best.keras"
 LAST_FILE = "last.keras"
 STATE_FILE = "state.json"
 FLIPS = ("horizontal", "vertical")
+INTENSITY = ("none", "random_lut")
+LUT_POINTS = 6  # control points of the random intensity curve (intensity="random_lut")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +42,10 @@ class TrainConfig:
     reduce_lr_factor: float = 0.5
     min_learning_rate: float = 1e-6
     monitor: str = "val_loss"
+    # Not in the paper (section IV: "flips and other techniques"): "random_lut" passes half of the
+    # training images through a random smooth intensity curve, so the CU-Net cannot lean on one
+    # MR weighting's grey levels (notebook 07 measures what it buys on an unseen contrast).
+    intensity: str = "none"
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "early_stopping_patience", "reduce_lr_patience"):
@@ -50,6 +56,8 @@ class TrainConfig:
             raise ValueError(f"learning_rate must be a positive number, got {self.learning_rate!r}")
         if self.flip not in FLIPS:
             raise ValueError(f"flip must be one of {FLIPS}, got {self.flip!r}")
+        if self.intensity not in INTENSITY:
+            raise ValueError(f"intensity must be one of {INTENSITY}, got {self.intensity!r}")
         if not 0 < self.reduce_lr_factor < 1:
             raise ValueError(f"reduce_lr_factor must be in (0, 1), got {self.reduce_lr_factor!r}")
 
@@ -106,12 +114,29 @@ def flip_pairs(images, masks, flip: str = "horizontal"):
     return np.flip(images, axis=axis), np.flip(masks, axis=axis)
 
 
+def random_lut(image, seed):
+    """``image`` (values in 0..1) through a random piecewise-linear curve of ``LUT_POINTS`` points.
+
+    The curve need not be monotone, so tissue grey levels are reordered as between MR
+    weightings; the mapping depends only on ``seed`` (a stateless draw).
+    """
+    import tensorflow as tf
+
+    levels = tf.random.stateless_uniform([LUT_POINTS], seed=seed)
+    position = tf.clip_by_value(image, 0.0, 1.0) * (LUT_POINTS - 1)
+    low = tf.minimum(tf.cast(tf.floor(position), tf.int32), LUT_POINTS - 2)
+    t = position - tf.cast(low, position.dtype)
+    return tf.gather(levels, low) * (1.0 - t) + tf.gather(levels, low + 1) * t
+
+
 def make_dataset(images, masks, batch_size: int, seed: int, flip: str = "horizontal",
-                 first_epoch: int = 0, epochs: int = 1, augment: bool = True):
+                 first_epoch: int = 0, epochs: int = 1, augment: bool = True, intensity: str = "none"):
     """The training ``tf.data`` pipeline: originals plus flipped copies, reshuffled each epoch.
 
     The order of epoch ``e`` depends only on ``(seed, e)`` (a stateless shuffle), so a run
-    resumed at epoch ``e`` sees the very batches the uninterrupted run saw.
+    resumed at epoch ``e`` sees the very batches the uninterrupted run saw. With
+    ``intensity="random_lut"`` every other image (by a stateless coin per epoch and item)
+    goes through :func:`random_lut`.
     """
     import tensorflow as tf
 
@@ -120,6 +145,9 @@ def make_dataset(images, masks, batch_size: int, seed: int, flip: str = "horizon
     n = int(x.shape[0])
     axis = {"horizontal": 2, "vertical": 1}[flip]
     total = 2 * n if augment else n
+
+    if intensity not in INTENSITY:
+        raise ValueError(f"intensity must be one of {INTENSITY}, got {intensity!r}")
 
     def one_epoch(epoch):
         order = tf.random.experimental.stateless_shuffle(tf.range(total, dtype=tf.int64),
@@ -132,6 +160,10 @@ def make_dataset(images, masks, batch_size: int, seed: int, flip: str = "horizon
                 flipped = i >= n
                 xi = tf.where(flipped, tf.reverse(xi, [axis - 1]), xi)
                 yi = tf.where(flipped, tf.reverse(yi, [axis - 1]), yi)
+            if intensity == "random_lut":
+                item_seed = tf.stack([tf.cast(seed, tf.int64) * 1_000_003 + epoch, i])
+                coin = tf.random.stateless_uniform([], seed=item_seed + 1)
+                xi = tf.where(coin < 0.5, random_lut(xi, item_seed), xi)
             return xi, yi
 
         return tf.data.Dataset.from_tensor_slices(order).map(take).batch(batch_size)
@@ -235,7 +267,7 @@ def train_cunet(train: tuple, validation: tuple | None, out_dir: str | os.PathLi
     checkpoint_cb = callbacks[-1]
     val_x, val_y = prepare_inputs(validation[0]), prepare_masks(validation[1])
     dataset = make_dataset(images, masks, config.batch_size, seed, config.flip,
-                           first_epoch=first_epoch, epochs=config.epochs - first_epoch)
+                           first_epoch=first_epoch, epochs=config.epochs - first_epoch, intensity=config.intensity)
     model.fit(dataset, validation_data=(val_x, val_y), validation_batch_size=config.batch_size,
               epochs=config.epochs, initial_epoch=first_epoch,
               steps_per_epoch=steps_per_epoch(len(images), config.batch_size),

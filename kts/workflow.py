@@ -61,24 +61,28 @@ def run_folder(work_dir: str | os.PathLike, partition: str, seed: int) -> Path:
     return Path(work_dir) / "study" / run_name(partition, seed)
 
 
-def cunet_train_config(profile: Profile, epochs: int | None = None):
+def cunet_train_config(profile: Profile, epochs: int | None = None, intensity: str = "none"):
     """The paper's recipe (section IV) with the profile's epochs, batch and patience."""
     from kts.train import TrainConfig
 
     return TrainConfig(epochs=epochs or profile.cunet_epochs, batch_size=profile.cunet_batch_size,
                        early_stopping_patience=profile.early_stopping_patience,
-                       reduce_lr_patience=profile.reduce_lr_patience)
+                       reduce_lr_patience=profile.reduce_lr_patience, intensity=intensity)
 
 
 def train_kidney_stage(dataset, splits: dict, profile: Profile, out_dir: str | os.PathLike, seed: int = 0,
-                       resume: bool = True, epochs: int | None = None, verbose: int = 0):
-    """Train the CU-Net on the training cases, watching the validation cases (section III.A.3)."""
+                       resume: bool = True, epochs: int | None = None, verbose: int = 0, intensity: str = "none"):
+    """Train the CU-Net on the training cases, watching the validation cases (section III.A.3).
+
+    ``intensity="random_lut"`` adds the random intensity curves of ``kts.train.random_lut``
+    (not in the paper; notebook 07)."""
     from kts.train import train_cunet
 
     train_set, val_set = dataset.subset(splits["train"]), dataset.subset(splits["val"])
     return train_cunet((train_set.images, train_set.kidney_masks), (val_set.images, val_set.kidney_masks),
                        out_dir, model_kwargs=dict(z=profile.cunet_base_filters),
-                       config=cunet_train_config(profile, epochs), seed=seed, resume=resume, verbose=verbose)
+                       config=cunet_train_config(profile, epochs, intensity), seed=seed, resume=resume,
+                       verbose=verbose)
 
 
 def tumour_crops(dataset, case_ids, crop_size: int):

@@ -37,9 +37,9 @@ def test_leave_one_out_refuses_what_it_cannot_do():
 
 
 def test_table_files(tmp_path):
-    table = pd.DataFrame([{"held_out": "t2", "trained_on": ["t1_post", "t1_pre"], "n_test_seen": 4,
+    table = pd.DataFrame([{"held_out": "t2", "intensity": "random_lut", "trained_on": ["t1_post", "t1_pre"], "n_test_seen": 4,
                            "test_seen_dice": 0.9, "n_test_unseen": 10, "test_unseen_dice": 0.75, "dice_gap": 0.15}])
     text = contrasts.write_table(table, tmp_path)
-    assert "| t2 | t1_post, t1_pre | 4 | 0.900 | 10 | 0.750 | +0.150 |" in text
+    assert "| t2 | random_lut | t1_post, t1_pre | 4 | 0.900 | 10 | 0.750 | +0.150 |" in text
     assert (tmp_path / "contrasts.md").read_text().endswith(text)
     assert pd.read_csv(tmp_path / "contrasts.csv")["trained_on"][0] == "t1_post t1_pre"

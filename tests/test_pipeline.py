@@ -130,7 +130,8 @@ def test_split_study_scores_the_models_of_notebooks_02_to_04(metrics):
 @pytest.mark.slow
 def test_unseen_contrast_numbers(metrics):
     runs = metrics["notebooks"]["07_unseen_contrasts"]["runs"]
-    assert [r["held_out"] for r in runs] == list(config.get_profile("quick").contrasts_left_out)
+    assert [(r["held_out"], r["intensity"]) for r in runs] == [
+        (w, i) for w in config.get_profile("quick").contrasts_left_out for i in ("none", "random_lut")]
     for r in runs:
         assert r["held_out"] not in r["trained_on"] and r["n_test_unseen"] == 10
         assert 0.0 <= r["test_unseen_dice"] <= 1.0 and r["dice_gap"] == pytest.approx(

@@ -71,6 +71,24 @@ def test_same_seed_same_weights(data, tmp_path):
         np.testing.assert_array_equal(wa, wb)
 
 
+def test_random_intensity_curves_are_seeded_and_leave_masks_alone():
+    x, y = blobs(6)
+
+    def batches(intensity, seed=0, first_epoch=0):
+        ds = train.make_dataset(x, y, batch_size=12, seed=seed, epochs=1, first_epoch=first_epoch, intensity=intensity)
+        return [(b[0].numpy(), b[1].numpy()) for b in ds][0]
+
+    plain, lut = batches("none"), batches("random_lut")
+    np.testing.assert_array_equal(plain[1], lut[1])  # same order, same masks
+    changed = [not np.array_equal(a, b) for a, b in zip(plain[0], lut[0])]
+    assert 2 <= sum(changed) <= 10  # about half of the images
+    assert lut[0].min() >= 0.0 and lut[0].max() <= 1.0
+    np.testing.assert_array_equal(lut[0], batches("random_lut")[0])  # same seed, same curves
+    assert not np.array_equal(lut[0], batches("random_lut", first_epoch=1)[0])  # new curves each epoch
+    with pytest.raises(ValueError, match="intensity must be one of"):
+        train.TrainConfig(intensity="gamma")
+
+
 def test_flip_doubles_the_set_exactly():
     x, y = blobs(3)
     ds = train.make_dataset(x, y, batch_size=1, seed=0, epochs=1)
