@@ -220,6 +220,10 @@ def results_section(results: str | os.PathLike) -> str:
     if (results / "table1.md").exists():
         table = (results / "table1.md").read_text().split("\n\n", 2)[-1]
         lines += ["**Table I**, regenerated (`results/table1.md`, `results/table1.csv`):", "", table.strip(), ""]
+    if (results / "contrasts.md").exists():
+        table = (results / "contrasts.md").read_text().split("\n\n", 1)[-1]
+        lines += ["**Unseen MR contrasts** (notebook 07, `results/contrasts.md`): kidney Dice of a CU-Net trained "
+                  "without one weighting, on the weightings it saw and on the one it did not:", "", table.strip(), ""]
     for stem, caption in (("fig5_cascade_segmentation_results", "Figure 5: input, ground truth, CU-Net kidney "
                                                                "segment, Mask R-CNN tumour lineation"),
                           ("fig6_cunet_accuracy_loss_per_epoch", "Figure 6: CU-Net accuracy and loss per epoch"),
