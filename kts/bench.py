@@ -241,6 +241,10 @@ def render_markdown(results: dict[str, Any]) -> str:
             f"{m.get('cpu_model')}, {m.get('cores')} cores, {m.get('memory_gb')} GB; TF "
             f"{(m.get('versions') or {}).get('tensorflow')}, oneDNN {m.get('onednn_opts')}; {m.get('date')}; "
             f"load average {results.get('load_average_start')} → {results.get('load_average_end')}\n\n")
+    earlier = results.get("earlier_sections") or {}
+    if earlier.get("sections"):
+        head += (f"Sections {', '.join(earlier['sections'])} are from an earlier run ({earlier.get('date')}, "
+                 f"load average {earlier.get('load_average_start')}); the others from this one.\n\n")
     table = markdown_table(rows, ("section", "figure", "median", "unit", "goal", "met"))
     skipped = [f"- {name}: {results[name]['skipped']}" for name in SECTIONS
                if isinstance(results.get(name), dict) and results[name].get("skipped")]
@@ -989,9 +993,12 @@ def section_e2e(profile: str, timeout: float) -> dict:
 
 def run_benchmark(sections: Sequence[str] | None = None, quick: bool = False,
                   progress: Callable[[str], None] | None = print,
-                  checkpoint: Callable[[dict], Any] | None = None) -> dict[str, Any]:
+                  checkpoint: Callable[[dict], Any] | None = None,
+                  previous: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run the chosen sections; every section is present in the result (``skipped`` when not run).
-    ``checkpoint(results)`` is called after each section (``main`` writes the JSON so far)."""
+    ``checkpoint(results)`` is called after each section (``main`` writes the JSON so far).
+    ``previous`` (an earlier result of the same settings) supplies the sections not run now;
+    ``results["earlier_sections"]`` names them and the date of that run."""
     chosen = list(sections) if sections is not None else list(QUICK_SECTIONS if quick else DEFAULT_SECTIONS)
     unknown = sorted(set(chosen) - set(SECTIONS))
     if unknown:
@@ -1011,6 +1018,15 @@ def run_benchmark(sections: Sequence[str] | None = None, quick: bool = False,
             "e2e_paper": E2E_KEYS}
     for name in SECTIONS:
         results[name] = _skipped_template(keys[name], not_run(name))
+    if previous is not None:
+        if previous.get("quick") != quick or previous.get("schema") != SCHEMA_VERSION:
+            raise ValueError("--merge needs an earlier result of the same schema and the same --quick setting")
+        kept = [n for n in SECTIONS if n not in chosen and isinstance(previous.get(n), dict)
+                and not previous[n].get("skipped")]
+        for name in kept:
+            results[name] = previous[name]
+        results["earlier_sections"] = {"sections": kept, "date": previous.get("machine", {}).get("date"),
+                                       "load_average_start": previous.get("load_average_start")}
     started = time.perf_counter()
 
     def timed(name: str, fn: Callable[[], dict]) -> None:
@@ -1077,13 +1093,17 @@ def main(argv: list[str] | None = None) -> int:
                              f"sections {', '.join(QUICK_SECTIONS)} unless --sections says otherwise")
     parser.add_argument("--out", default=None, help="JSON output (default results/bench.json); "
                                                     "the markdown table goes beside it (.md)")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the sections of the existing output that this run does not measure")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=None,
                         help=f"sections to run (default: all but e2e_paper; with --quick: {' '.join(QUICK_SECTIONS)})")
     args = parser.parse_args(argv)
     from kts import config
 
     out = Path(args.out) if args.out else config.project_root() / "results" / "bench.json"
-    results = run_benchmark(args.sections, quick=args.quick, checkpoint=lambda partial: kts_io.write_json(out, partial))
+    previous = json.loads(out.read_text()) if args.merge and out.exists() else None
+    results = run_benchmark(args.sections, quick=args.quick, previous=previous,
+                            checkpoint=lambda partial: kts_io.write_json(out, partial))
     kts_io.write_json(out, results)
     text = render_markdown(results)
     kts_io.write_text(out.with_suffix(".md"), text)

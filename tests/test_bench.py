@@ -58,6 +58,19 @@ def test_render_markdown_from_skipped_results():
     assert results["goals"]["cunet_train_fraction_of_ceiling"]["met"] is None
 
 
+def test_merge_keeps_the_earlier_sections_not_run_now():
+    earlier = bench.run_benchmark(sections=[], quick=True, progress=None)
+    earlier["data"] = {**earlier["data"], "skipped": None, "read_series_slices_per_s": {"median": 321.0}}
+    earlier["machine"]["date"] = "2026-01-01T00:00:00+00:00"
+    merged = bench.run_benchmark(sections=[], quick=True, progress=None, previous=earlier)
+    assert merged["data"]["read_series_slices_per_s"] == {"median": 321.0}
+    assert merged["earlier_sections"]["sections"] == ["data"]
+    assert merged["cunet"]["skipped"]  # skipped earlier, not run now: still skipped
+    assert "Sections data are from an earlier run (2026-01-01" in bench.render_markdown(merged)
+    with pytest.raises(ValueError, match="same --quick setting"):
+        bench.run_benchmark(sections=[], quick=False, progress=None, previous=earlier)
+
+
 def test_unknown_section_is_refused():
     with pytest.raises(ValueError, match="unknown sections"):
         bench.run_benchmark(sections=["nope"], progress=None)
