@@ -142,6 +142,20 @@ def run(profile: str = "paper", seed: int = 0, results: str | os.PathLike | None
     return metrics
 
 
+def annotate(results: str | os.PathLike, note: str) -> Path:
+    """Store ``note`` as ``provenance.note`` of ``results/metrics.json`` (an empty note removes it)."""
+    path = Path(results) / "metrics.json"
+    if not path.is_file():
+        raise ValueError(f"{path}: no metrics.json to annotate; run the pipeline first")
+    metrics = json.loads(path.read_text())
+    provenance = metrics.setdefault("provenance", {})
+    if note:
+        provenance["note"] = note
+    else:
+        provenance.pop("note", None)
+    return kts_io.write_json(path, metrics)
+
+
 def _collect(results: Path, profile: str, seed: int, timings: dict, wall: float) -> dict[str, Any]:
     notebook_metrics = {}
     for path in sorted((results / "metrics").glob("*.json")):
@@ -185,10 +199,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE", type=parse_parameter,
                         help="a notebook parameter for every notebook, as papermill's -p (e.g. -p SEEDS 1 is "
                              "-p SEEDS=1); the value is read as a Python literal, else kept as a string")
+    parser.add_argument("--note", default=None,
+                        help="a sentence stored as provenance.note in metrics.json (what this run reused or left "
+                             "out); README's results section prints it")
     parser.add_argument("--update-readme", action="store_true",
                         help="only regenerate README's results and benchmark sections from the results folder")
     args = parser.parse_args(argv)
     if args.update_readme:
+        if args.note is not None:
+            annotate(args.results or config.results_dir("paper"), args.note)
         print(f"kts run: updated {update_readme(args.results).name}")
         return 0
     try:
@@ -197,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     except (NotebookFailed, ValueError, OSError) as exc:  # KtsInputError is a ValueError
         print(f"kts run: {exc}", file=sys.stderr)
         return 1
+    if args.note is not None:
+        annotate(args.results or config.results_dir(args.profile), args.note)
     if args.profile == "paper" and args.results is None:
         update_readme()
     wall = metrics["provenance"]["wall_s_total"]

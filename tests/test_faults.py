@@ -195,6 +195,20 @@ def test_cli_parameters_are_read_like_papermill_values():
             pipeline.parse_parameter(bad)
 
 
+def test_note_is_stored_in_the_provenance(tmp_path):
+    from kts import pipeline
+
+    with pytest.raises(ValueError, match="no metrics.json to annotate"):
+        pipeline.annotate(tmp_path, "x")
+    (tmp_path / "metrics.json").write_text(json.dumps({"provenance": {"profile": "paper"}, "notebooks": {}}))
+    pipeline.annotate(tmp_path, "resumed from earlier checkpoints")
+    assert json.loads((tmp_path / "metrics.json").read_text())["provenance"] == {
+        "profile": "paper", "note": "resumed from earlier checkpoints"}
+    assert "*This run: resumed from earlier checkpoints.*" in pipeline.results_section(tmp_path)
+    pipeline.annotate(tmp_path, "")
+    assert "note" not in json.loads((tmp_path / "metrics.json").read_text())["provenance"]
+
+
 # ----------------------------------------------------------------------------- full disk, read-only folder
 
 
