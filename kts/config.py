@@ -56,8 +56,8 @@ PROFILES: dict[str, Profile] = {
     ),
     "quick": Profile(
         name="quick", n_cases=30, slices_per_case=1, difficulty="paper", image_size=128,
-        cunet_base_filters=8, cunet_epochs=25, cunet_batch_size=4,
-        early_stopping_patience=8, reduce_lr_patience=4,
+        cunet_base_filters=8, cunet_epochs=15, cunet_batch_size=4,
+        early_stopping_patience=5, reduce_lr_patience=3,
         maskrcnn_profile="quick", maskrcnn_steps=80, seeds=1, contrasts_left_out=("t1_pre",),
     ),
 }
