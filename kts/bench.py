@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from kts import io as kts_io
+from kts.io import markdown_table
 
 SCHEMA_VERSION = 1
 SECTIONS = ("ceiling", "cunet", "variations", "torch", "input_pipeline", "maskrcnn", "data",
@@ -170,22 +171,6 @@ def machine_info() -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- markdown
-
-def markdown_table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
-    """A GitHub markdown table; ``None`` cells print as an em dash."""
-    def cell(v: Any) -> str:
-        if v is None:
-            return "—"
-        if isinstance(v, bool):
-            return "yes" if v else "no"
-        if isinstance(v, float):
-            return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
-        return str(v).replace("|", "\\|")
-
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
-
 
 def render_markdown(results: dict[str, Any]) -> str:
     """The short table of ``bench.md``: every figure with its goal, then the goals' verdicts."""

@@ -21,6 +21,18 @@ from kts.config import Profile
 SEEN_SPLIT = (0.70, 0.10)  # train, validation fractions of the seen-contrast cases; the rest is their test set
 
 
+def parse_list(text: str, default: Iterable[str]) -> list[str]:
+    """``"t2, t1_pre"`` -> ``["t2", "t1_pre"]``; an empty string gives ``default`` (notebook 07's parameters)."""
+    return [item.strip() for item in text.split(",") if item.strip()] or list(default)
+
+
+def example_slices(dataset) -> tuple[list, list, list[str]]:
+    """The first slice of each MR weighting in the dataset: images, kidney masks, weighting names."""
+    first = dataset.index.reset_index(drop=True).drop_duplicates("weighting")
+    rows = list(first.index)
+    return [dataset.images[i] for i in rows], [dataset.kidney_masks[i] for i in rows], list(first["weighting"])
+
+
 def leave_one_out_splits(index, held_out: str, seed: int = 0) -> dict[str, list[str]]:
     """Case ids: ``train``/``val``/``test_seen`` from the other weightings, ``test_unseen`` = ``held_out``'s cases."""
     if "weighting" not in index.columns:
@@ -76,13 +88,18 @@ def run_study(dataset, profile: Profile, held_out: Iterable[str], seed: int, wor
     """One row per left-out weighting and training recipe: kidney Dice on seen and unseen contrasts, the gap."""
     import pandas as pd
 
-    from kts.study import _release_memory
+    from kts.study import release_memory
+    from kts.train import INTENSITY
 
+    intensities = list(intensities)
+    unknown = sorted(set(intensities) - set(INTENSITY))
+    if unknown:
+        raise ValueError(f"unknown intensity recipes {unknown}: choose from {list(INTENSITY)}")
     rows = []
     for weighting, intensity in ((w, i) for w in held_out for i in intensities):
         t0 = time.perf_counter()
         row = run_one(dataset, weighting, seed, profile, work_dir, intensity)
-        _release_memory()
+        release_memory()
         print(f"without {weighting}, intensity {intensity}: kidney Dice {row['test_seen_dice']:.3f} on seen contrasts, "
               f"{row['test_unseen_dice']:.3f} on {weighting} ({time.perf_counter() - t0:.0f} s)", flush=True)
         rows.append(row)
@@ -91,14 +108,12 @@ def run_study(dataset, profile: Profile, held_out: Iterable[str], seed: int, wor
 
 def to_markdown(table) -> str:
     """The study as a markdown table (pooled kidney Dice; ``dice_gap`` = seen - unseen)."""
-    lines = ["| left out | intensity augmentation | trained on | seen-contrast test cases | kidney Dice, seen "
-             "| unseen-contrast cases | kidney Dice, unseen | gap |", "|---|---|---|---|---|---|---|---|"]
-    for _, row in table.iterrows():
-        lines.append(f"| {row['held_out']} | {row.get('intensity', 'none')} | {', '.join(row['trained_on'])} | "
-                     f"{row['n_test_seen']} | "
-                     f"{row['test_seen_dice']:.3f} | {row['n_test_unseen']} | {row['test_unseen_dice']:.3f} | "
-                     f"{row['dice_gap']:+.3f} |")
-    return "\n".join(lines) + "\n"
+    header = ("left out", "intensity augmentation", "trained on", "seen-contrast test cases", "kidney Dice, seen",
+              "unseen-contrast cases", "kidney Dice, unseen", "gap")
+    rows = [(row["held_out"], row["intensity"], ", ".join(row["trained_on"]), str(row["n_test_seen"]),
+             f"{row['test_seen_dice']:.3f}", str(row["n_test_unseen"]), f"{row['test_unseen_dice']:.3f}",
+             f"{row['dice_gap']:+.3f}") for _, row in table.iterrows()]
+    return kts_io.markdown_table(rows, header)
 
 
 def write_table(table, results_dir: str | os.PathLike) -> str:

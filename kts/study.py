@@ -83,7 +83,7 @@ def run_study(dataset, profile: Profile, seeds: Iterable[int], work_dir: str | o
     for i, (partition, seed) in enumerate(((p, s) for p in partitions for s in seeds), start=1):
         t0 = time.perf_counter()
         row = run_one(dataset, partition, seed, profile, work_dir, Path(results_dir) / "predictions", progress)
-        _release_memory()
+        release_memory()
         print(f"[{i}/{total}] {partition} seed {seed}: IoU {row['iou']:.3f}, accuracy {row['accuracy']:.3f}, "
               f"tumour Dice {row['tumour_dice']:.3f}, instance F1 {row['instance_f1']:.3f} "
               f"({time.perf_counter() - t0:.0f} s)", flush=True)
@@ -91,7 +91,7 @@ def run_study(dataset, profile: Profile, seeds: Iterable[int], work_dir: str | o
     return pd.DataFrame(rows)
 
 
-def _release_memory() -> None:
+def release_memory() -> None:
     """Drop the finished run's models so memory stays flat across partitions and seeds."""
     import gc
 
@@ -127,15 +127,12 @@ def to_markdown(table) -> str:
     def cell(row, key):
         return f"{row[key + '_mean']:.3f} ± {row[key + '_sd']:.3f}"
 
-    lines = ["| Data partition | paper IoU | our IoU (kidney) | paper accuracy | our accuracy (pixel) "
-             "| kidney Dice | tumour Dice | instance F1 | mask AP | seeds | test slices |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for _, row in table.iterrows():
-        lines.append(f"| {row['partition']} | {row['paper_iou']:.3f} | {cell(row, 'iou')} | "
-                     f"{row['paper_accuracy']:.3f} | {cell(row, 'accuracy')} | {cell(row, 'kidney_dice')} | "
-                     f"{cell(row, 'tumour_dice')} | {cell(row, 'instance_f1')} | {cell(row, 'mask_ap')} | "
-                     f"{row['n_seeds']} | {row['n_test_slices']} |")
-    return "\n".join(lines) + "\n"
+    header = ("Data partition", "paper IoU", "our IoU (kidney)", "paper accuracy", "our accuracy (pixel)",
+              "kidney Dice", "tumour Dice", "instance F1", "mask AP", "seeds", "test slices")
+    rows = [(row["partition"], f"{row['paper_iou']:.3f}", cell(row, "iou"), f"{row['paper_accuracy']:.3f}",
+             cell(row, "accuracy"), cell(row, "kidney_dice"), cell(row, "tumour_dice"), cell(row, "instance_f1"),
+             cell(row, "mask_ap"), str(row["n_seeds"]), str(row["n_test_slices"])) for _, row in table.iterrows()]
+    return kts_io.markdown_table(rows, header)
 
 
 def write_table1(runs, results_dir: str | os.PathLike) -> "pd.DataFrame":

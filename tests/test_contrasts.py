@@ -43,3 +43,21 @@ def test_table_files(tmp_path):
     assert "| t2 | random_lut | t1_post, t1_pre | 4 | 0.900 | 10 | 0.750 | +0.150 |" in text
     assert (tmp_path / "contrasts.md").read_text().endswith(text)
     assert pd.read_csv(tmp_path / "contrasts.csv")["trained_on"][0] == "t1_post t1_pre"
+
+
+def test_parameter_lists_and_unknown_recipes():
+    assert contrasts.parse_list(" t2, t1_pre ,", default=["x"]) == ["t2", "t1_pre"]
+    assert contrasts.parse_list("", default=("t1_pre",)) == ["t1_pre"]
+    with pytest.raises(ValueError, match=r"unknown intensity recipes \['gamma'\]"):
+        contrasts.run_study(None, None, ["t2"], seed=0, work_dir="unused", intensities=["none", "gamma"])
+
+
+def test_example_slices_one_per_weighting():
+    import numpy as np
+
+    idx = index(n_cases=6, slices=2).set_index(pd.Index(range(100, 112)))  # a non-positional index
+    images = np.arange(12)[:, None, None] * np.ones((12, 4, 4))
+    ds = type("DS", (), {"index": idx, "images": images, "kidney_masks": images > 5})()
+    shown, masks, names = contrasts.example_slices(ds)
+    assert names == list(WEIGHTINGS) and [int(a[0, 0]) for a in shown] == [0, 2, 4]
+    assert [bool(m[0, 0]) for m in masks] == [False, False, False]
