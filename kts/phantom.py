@@ -79,19 +79,19 @@ TUMOR_TISSUES = (TUMOR, NECROSIS, CAPSULE)
 # signals subtract, see _FAT_FRACTION).
 _SIGNAL = {
     #           air  fat  musc liver spl  cort med  pelv sinF vess marr bone csf  bwal bfl  gas  fec  bile tum  nec  cap
-    "t1_post": (0.0, .12, .28, .50, .56, .88, .42, .08, .12, .95, .35, .03, .08, .60, .10, 0.0, .30, .08, .58, .12, .45),
-    "t2":      (0.0, .62, .12, .22, .50, .50, .64, .95, .62, .04, .40, .02, 1.0, .30, .90, 0.0, .40, .95, .74, .95, .30),
+    "t1_post": (0.0, .12, .28, .50, .56, .90, .74, .08, .12, .95, .35, .03, .08, .60, .10, 0.0, .30, .08, .58, .10, .30),
+    "t2":      (0.0, .62, .12, .22, .50, .50, .60, .95, .62, .04, .40, .02, 1.0, .30, .90, 0.0, .40, .95, .88, 1.0, .25),
     "t1_pre":  (0.0, .92, .30, .56, .42, .38, .30, .08, .92, .16, .62, .03, .08, .35, .10, 0.0, .35, .10, .34, .12, .30),
 }
 _FAT_FRACTION = np.zeros(len(TISSUE_NAMES))
 _FAT_FRACTION[[FAT, SINUS_FAT]] = 0.95
 _FAT_FRACTION[MARROW] = 0.45
-_FAT_FRACTION[TUMOR] = 0.12  # clear-cell RCC: intracellular lipid drops out on opposed phase
+_FAT_FRACTION[TUMOR] = 0.20  # clear-cell RCC: intracellular lipid drops out on opposed phase
 _FAT_FRACTION[FECES] = 0.1
 _TEXTURE = np.full(len(TISSUE_NAMES), 0.04)
 _TEXTURE[[AIR, GAS]] = 0.0
 _TEXTURE[[FAT, SINUS_FAT]] = 0.03
-_TEXTURE[[TUMOR, CAPSULE]] = 0.22
+_TEXTURE[[TUMOR, CAPSULE]] = 0.12
 _TEXTURE[NECROSIS] = 0.12
 _TEXTURE[[BOWEL_FLUID, BILE, CSF, PELVIS]] = 0.06
 _TEXTURE[FECES] = 0.40
@@ -864,6 +864,40 @@ def burden_category(burden: float) -> str:
     if burden <= BURDEN_MODERATE_MAX:
         return "moderate"
     return "large"
+
+
+def tumor_contrast(s: PhantomSlice, rim_px: tuple[int, int] = (2, 6)) -> list[dict[str, Any]]:
+    """How visible each tumour of a slice is: its contrast to the kidney around it (issue-12 CNR).
+
+    Measured on the 0..255 image the models see (``kts.data.normalise``). For each tumour
+    instance: ``contrast`` = mean(tumour) - mean(rim), where the rim is the tumour-free kidney
+    (cortex, medulla, sinus) between ``rim_px[0]`` and ``rim_px[1]`` pixels outside it;
+    ``cnr`` = contrast / sqrt((sd_tumour^2 + sd_rim^2) / 2): the separation of the two
+    intensity distributions, texture and noise together (a reader delineates |cnr| >~ 1).
+    Tumours with fewer than 10 rim pixels (wholly exophytic) are skipped.
+    """
+    from kts.data import normalise
+
+    image = normalise(s.image)
+    labels = s.tumor_labels
+    tissue = s.meta["tissue_labels"]
+    kidney_free = np.isin(tissue, (CORTEX, MEDULLA)) & (labels == 0)
+    out = []
+    for label in range(1, int(labels.max(initial=0)) + 1):
+        tumor = labels == label
+        if not tumor.any():
+            continue
+        near = ndimage.binary_dilation(tumor, iterations=rim_px[1]) & ~ndimage.binary_dilation(tumor, iterations=rim_px[0])
+        rim = near & kidney_free
+        if np.count_nonzero(rim) < 10:
+            continue
+        t, r = image[tumor], image[rim]
+        contrast = float(t.mean() - r.mean())
+        spread = float(np.sqrt((t.var() + r.var()) / 2.0))
+        out.append({"label": label, "weighting": s.weighting, "contrast": contrast,
+                    "sd_tumor": float(t.std()), "sd_rim": float(r.std()),
+                    "cnr": contrast / spread if spread > 0 else float("inf"), "area_px": int(tumor.sum())})
+    return out
 
 
 # --------------------------------------------------------------------------- DICOM and PNG writing

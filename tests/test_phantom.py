@@ -342,3 +342,34 @@ def test_figure3(default_slices):
     assert "360 x 360" in fig.axes[0].get_title()
     with pytest.raises(ValueError, match="same shape"):
         plots.figure3(s.image, s.kidney_mask[:10])
+
+
+@pytest.mark.parametrize("weighting,sign", [("t1_post", -1), ("t2", +1), ("t1_pre", -1)])
+def test_paper_difficulty_tumours_are_delineable(weighting, sign):
+    """Issue 12: at "paper" difficulty every weighting shows its tumours to a reader (errata E36).
+
+    ccRCC: T2 hyperintense, T1 pre-contrast iso/hypointense with opposed-phase signal drop,
+    heterogeneous enhancement below the nephrographic parenchyma after contrast.
+    """
+    rows = []
+    for i in range(45):
+        for s in phantom.generate_case(i, seed=321, difficulty="paper", weighting=weighting):
+            rows.extend(phantom.tumor_contrast(s))
+    cnr = np.array([r["cnr"] for r in rows])
+    assert len(cnr) >= 25
+    assert np.sign(np.median(cnr)) == sign
+    assert np.median(np.abs(cnr)) >= 1.5
+    assert np.mean(np.abs(cnr) < 1.0) <= 0.15
+
+
+def test_tumor_contrast_of_an_invisible_tumour_is_zero():
+    s = phantom.generate_case(1, seed=0, difficulty="paper")[0]
+    labels = np.zeros_like(s.tumor_labels)
+    labels[150:170, 150:170] = 1
+    tissue = s.meta["tissue_labels"].copy()
+    tissue[140:180, 140:180] = phantom.CORTEX
+    flat = phantom.PhantomSlice(image=np.full_like(s.image, 100.0) + np.random.default_rng(0).normal(0, 1, s.image.shape).astype(np.float32),
+                                kidney_mask=np.ones_like(s.kidney_mask), tumor_labels=labels, case_id="x",
+                                slice_index=0, weighting="t2", difficulty="paper", meta={"tissue_labels": tissue})
+    (row,) = phantom.tumor_contrast(flat)
+    assert abs(row["cnr"]) < 0.2
