@@ -45,7 +45,7 @@ from kts.errors import KtsInputError
 from kts.io import atomic_path, write_json, write_text
 
 GENERATOR = "kts.phantom"
-GENERATOR_VERSION = "1.0.0"
+GENERATOR_VERSION = "1.1.0"
 WEIGHTINGS = ("t1_post", "t2", "t1_pre")
 DIFFICULTIES = ("easy", "paper", "hard")
 IMAGE_SIZE = 360
