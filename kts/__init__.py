@@ -32,7 +32,7 @@ _LAZY = {
 }
 _SUBMODULES = {"cascade", "cunet", "data", "fetch", "manifest", "maskrcnn", "masks", "metrics",
                "phantom", "plots", "study", "train", "config", "errors", "io", "pipeline", "bench",
-               "workflow", "cli", "contrasts"}
+               "workflow", "cli", "contrasts", "reference"}
 
 __all__ = ["build_cunet", "TumorMaskRCNN", "print_config", "__version__"]
 
