@@ -4,11 +4,15 @@ Figure 1 (Section I): kidneys with no, mild and moderate tumour, tumours outline
 Figure 3 (Section III.A): an abdominal MR slice (left) and its ground truth for training (right).
 ``save_figure`` writes PNG and PDF atomically at a fixed dpi with dates stripped, so the same
 figure gives the same bytes. Figures are ``matplotlib.figure.Figure`` objects built without
-pyplot (no global state, any backend); Jupyter displays them inline.
+pyplot (no global state, any backend). No matplotlib backend shows such figures by itself, so
+importing this module inside an IPython kernel (JupyterLab, classic Notebook, papermill) registers
+a PNG formatter for them (:func:`show_inline`): a figure that is a cell's last value, or that is
+passed to ``display``, appears once as an ``image/png`` output at ``INLINE_DPI``.
 """
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -19,7 +23,42 @@ from kts.io import atomic_path
 from kts.phantom import BURDEN_MILD_MAX, BURDEN_MODERATE_MAX
 
 FIGURE_DPI = 150
+INLINE_DPI = 100  # figures shown in a notebook: modest, so executed notebooks stay small
 TUMOR_COLOR = "red"
+
+
+def _inline_png(fig: Figure) -> str | None:
+    """The base64 PNG a notebook shows for ``fig``: INLINE_DPI, cropped to the drawing, no software tag."""
+    from IPython.core.pylabtools import print_figure
+
+    return print_figure(fig, fmt="png", base64=True, bbox_inches="tight", dpi=INLINE_DPI,
+                        metadata={"Software": None})
+
+
+def show_inline(shell: Any = None) -> bool:
+    """Make ``shell`` (default: the running IPython kernel) display ``Figure`` objects as PNG.
+
+    Called when this module is imported. kts builds figures without pyplot, so neither
+    ``matplotlib_inline`` (which registers its formatter only once pyplot loads with the inline
+    backend) nor ``MPLBACKEND=Agg`` (``kts run``) shows them: without a formatter a cell prints
+    ``<Figure size ...>``. A figure format the user already chose (``%matplotlib inline``,
+    ``InlineBackend.figure_formats``) is kept. Returns whether a shell now shows figures.
+    """
+    if shell is None:
+        ipython = sys.modules.get("IPython")
+        shell = ipython.get_ipython() if ipython is not None else None
+    formatters = getattr(getattr(shell, "display_formatter", None), "formatters", None)
+    if not formatters or "image/png" not in formatters:
+        return False
+    for mime in ("image/png", "image/svg+xml", "image/jpeg", "application/pdf"):
+        if mime in formatters:
+            try:
+                formatters[mime].lookup_by_type(Figure)
+                return True  # a figure format is already set: keep it (one image per figure)
+            except KeyError:
+                pass
+    formatters["image/png"].for_type(Figure, _inline_png)
+    return True
 
 
 def _triplet(item: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -317,3 +356,6 @@ def contrasts_figure(images: Sequence[np.ndarray], kidney_masks: Sequence[np.nda
         ax.contour((np.asarray(mask) > 0).astype(np.float32), levels=[0.5], colors="yellow", linewidths=0.8)
         ax.set_title(title, fontsize=9)
     return fig
+
+
+show_inline()
