@@ -15,11 +15,15 @@ Figures 1, 3, 5, 6                          ``kts.plots``
 Table I split study                         ``kts.study``
 ==========================================  =====================
 
-Heavy modules (TensorFlow) are imported lazily so that ``import kts`` is fast.
+Heavy modules (TensorFlow) are imported lazily so that ``import kts`` is fast. Imported in an
+IPython kernel (every notebook starts with ``import kts``), kts hides the known-harmless noise
+listed in ``kts.config`` (:func:`kts.config.quiet_known_noise`); ``kts.plots`` makes its figures
+display inline.
 """
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import Any
 
 from kts.config import print_config
@@ -35,6 +39,11 @@ _SUBMODULES = {"cascade", "cunet", "data", "fetch", "manifest", "maskrcnn", "mas
                "workflow", "cli", "contrasts", "reference"}
 
 __all__ = ["build_cunet", "TumorMaskRCNN", "print_config", "__version__"]
+
+if getattr(sys.modules.get("IPython"), "get_ipython", lambda: None)() is not None:
+    from kts.config import quiet_known_noise
+
+    quiet_known_noise()
 
 
 def __getattr__(name: str) -> Any:

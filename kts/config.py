@@ -9,11 +9,16 @@ to ``"paper"``.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import platform
+import re
+import sys
+import tempfile
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 PROFILE_ENV = "KTS_PROFILE"
 DATA_ENV = "KTS_DATA_DIR"
@@ -145,15 +150,83 @@ def versions() -> dict[str, str]:
     return out
 
 
+# --- known-harmless noise, kept out of notebook outputs and ``kts run``'s console -------------
+# One list, used by the notebooks (``import kts`` in a kernel calls quiet_known_noise), by
+# print_config (the first TensorFlow device query, where CUDA reports a missing GPU) and by
+# ``kts run`` (the kernels' environment). Each entry names one message; everything else shows.
+
+NOISE_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2"}  # TF's C++ INFO and WARNING lines (oneDNN, CPU features, no CUDA driver)
+NOISE_WARNINGS = (
+    # tf_keras functional models (TF Model Garden's Mask R-CNN) called with a dict holding extra keys
+    (r"Input dict contained keys .* which did not match any model input", UserWarning),
+)
+NOISE_STDERR_LINES = (
+    # TF's CUDA probe on a machine without a GPU (an ERROR line that TF_CPP_MIN_LOG_LEVEL=2 keeps):
+    # "failed call to cuInit: ... UNKNOWN ERROR (303)" or "... CUDA_ERROR_NO_DEVICE"; kts runs on the CPU
+    r"failed call to cuInit",
+)
+
+
+def quiet_known_noise() -> None:
+    """Hide the known-harmless messages listed above, and nothing else.
+
+    Sets ``TF_CPP_MIN_LOG_LEVEL=2`` unless the user set it (it takes effect when TensorFlow is
+    imported, which ``import kts`` does not do) and ignores the warnings of ``NOISE_WARNINGS``
+    by message and category; other warnings, TF's C++ errors and Python errors still show.
+    """
+    for key, value in NOISE_ENV.items():
+        os.environ.setdefault(key, value)
+    for message, category in NOISE_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
+
+
+def _is_noise(line: str) -> bool:
+    return any(re.search(pattern, line) for pattern in NOISE_STDERR_LINES)
+
+
+@contextlib.contextmanager
+def filtered_stderr() -> Iterator[None]:
+    """Drop the ``NOISE_STDERR_LINES`` that C/C++ code writes to file descriptor 2 in this block.
+
+    TensorFlow's C++ logging bypasses Python (``warnings`` and ``sys.stderr`` cannot filter it)
+    and a kernel forwards descriptor 2 to the notebook. The block's descriptor-2 output goes to a
+    temporary file; on exit every other line is written to ``sys.stderr``, in order.
+    """
+    try:
+        sys.stderr.flush()
+        saved: int | None = os.dup(2)
+    except (OSError, ValueError, AttributeError):  # no descriptor 2 (or no sys.stderr) to redirect
+        saved = None
+    if saved is None:
+        yield
+        return
+    with tempfile.TemporaryFile() as caught:
+        os.dup2(caught.fileno(), 2)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            caught.seek(0)
+            kept = [line for line in caught.read().decode(errors="replace").splitlines(keepends=True)
+                    if not _is_noise(line)]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
+
+
 def print_config(seed: int | None = None, profile: str | None = None) -> dict[str, Any]:
     """Print (and return) versions, seed, profile and compute device, as MONAI tutorials do."""
     info: dict[str, Any] = dict(versions())
     info["platform"] = f"{platform.system()} {platform.machine()}"
     info["cpu_count"] = os.cpu_count()
     try:
-        import tensorflow as tf
+        with filtered_stderr():  # the first device query probes CUDA: "failed call to cuInit" on CPUs
+            import tensorflow as tf
 
-        gpus = tf.config.list_physical_devices("GPU")
+            gpus = tf.config.list_physical_devices("GPU")
         info["device"] = f"{len(gpus)} GPU" if gpus else "CPU"
     except Exception:  # pragma: no cover - TF missing
         info["device"] = "unknown"
