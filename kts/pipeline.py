@@ -23,10 +23,44 @@ from kts import config
 from kts import io as kts_io
 
 STAMP_SUFFIX = ".stamp.json"
+# what every kernel of ``kts run`` gets besides the folders: TF's C++ info lines off, a headless
+# matplotlib (kts.plots shows its figures through IPython's PNG formatter, not a backend)
+KERNEL_ENV = {**config.NOISE_ENV, "MPLBACKEND": "Agg"}
 
 
 class NotebookFailed(RuntimeError):
     """A notebook raised: the message names the notebook, the cell and the error."""
+
+
+def _kernel_config():
+    """Kernel-manager settings: CurveZMQ-encrypted kernel sockets where jupyter_client, pyzmq and the
+    kernelspec support them. Then ipykernel does not print its "Kernel is running over TCP without
+    encryption" warning on the console, for each notebook, because its cause is gone."""
+    from jupyter_client.manager import KernelManager
+    from traitlets.config import Config
+
+    try:
+        import zmq
+
+        curve = bool(zmq.has("curve"))
+    except ImportError:  # pragma: no cover - jupyter_client needs pyzmq
+        curve = False
+    if curve and "transport_encryption" in KernelManager.class_trait_names():
+        return Config({"KernelManager": {"transport_encryption": "auto"}})
+    return Config()
+
+
+def execute_notebook(notebook: str | os.PathLike, output: str | os.PathLike, parameters: dict[str, Any] | None = None,
+                     cwd: str | os.PathLike | None = None) -> None:
+    """Execute one notebook with papermill as ``kts run`` does (kernel ``python3``, no progress bar).
+
+    The environment is the caller's: ``run`` sets ``KERNEL_ENV`` and the folders around it.
+    """
+    import papermill as pm
+
+    notebook = Path(notebook)
+    pm.execute_notebook(str(notebook), str(output), parameters=parameters or {}, cwd=str(cwd or notebook.parent),
+                        kernel_name="python3", progress_bar=False, log_output=False, config=_kernel_config())
 
 
 def notebooks_dir() -> Path:
@@ -94,8 +128,7 @@ def run(profile: str = "paper", seed: int = 0, results: str | os.PathLike | None
         except OSError as exc:
             raise OSError(f"{folder}: cannot create output folder ({exc.strerror or exc})") from exc
     env = {config.PROFILE_ENV: profile, config.RESULTS_ENV: str(results.resolve()),
-           config.WORK_ENV: str(work.resolve()), config.DATA_ENV: str(data.resolve()),
-           "TF_CPP_MIN_LOG_LEVEL": "2", "MPLBACKEND": "Agg"}
+           config.WORK_ENV: str(work.resolve()), config.DATA_ENV: str(data.resolve()), **KERNEL_ENV}
     saved_env = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     params = {"PROFILE": profile, "SEED": seed, **(parameters or {})}
@@ -123,8 +156,7 @@ def run(profile: str = "paper", seed: int = 0, results: str | os.PathLike | None
             t0 = time.perf_counter()
             with kts_io.atomic_path(output) as tmp:
                 try:
-                    pm.execute_notebook(str(notebook), str(tmp), parameters=params, cwd=str(notebook.parent),
-                                        kernel_name="python3", progress_bar=False, log_output=False)
+                    execute_notebook(notebook, tmp, params)
                 except pm.PapermillExecutionError as exc:
                     raise NotebookFailed(f"{notebook.name}: cell {exc.exec_count} failed with "
                                          f"{exc.ename}: {exc.evalue}") from None
