@@ -1,18 +1,31 @@
-"""Segmentation metrics of Table I (IoU, accuracy) beside Dice, and the overfit measure D.
+"""Segmentation metrics of Table I (IoU, accuracy) beside Dice, tumour instances, and the overfit measure D.
 
 Section IV and Table I report IoU and (pixel) accuracy. Pixel accuracy flatters
 segmentation because background dominates a slice, so kts always reports it next to the
 foreground Dice and IoU.
 
-Conventions for empty masks (per image, binary):
+The rule for every figure of merit kts shows (notebooks, tables, README; errata E37):
 
-* both prediction and target empty: IoU = Dice = precision = recall = 1 (nothing to find,
-  nothing claimed: a correct answer);
-* exactly one of them empty: IoU = Dice = 0; precision is 0 when something was predicted
-  where nothing is, 1 when nothing was predicted (no false claim); recall likewise.
+* **Pooled over the whole test set.** Dice, IoU, pixel accuracy, precision and recall count
+  TP/FP/FN/TN over all pixels of all images first; instance precision, recall and F1 count
+  matched (TP), unmatched predicted (FP) and missed (FN) instances over all images first. A
+  large kidney weighs more than a small one; a tumour-free image adds only its false
+  positives. These ``pooled_*`` values (and ``tumor_scores``' ``dice``, ``iou`` and
+  ``instance_*``) are the numbers that appear in results.
+* **Undefined is NaN, never 1.** A ratio whose denominator is zero is NaN, printed "n/a"
+  (``format_metric``): precision with nothing predicted (the number of predictions,
+  ``n_predicted``, stands beside it), recall with nothing to find, Dice/IoU with both
+  prediction and target empty, F1 with no instance at all. Nothing predicted where there is
+  something to find is an error: Dice, IoU, recall and F1 are 0 then, and precision n/a.
+* **Per-image means are secondary** and are computed only over the images where the metric
+  is defined, always with that count beside them (``mean_dice`` with ``mean_dice_n_images``);
+  an image with an empty target and an empty prediction does not enter a mean Dice.
+* A tumour-free image with no prediction is still a true negative where kts counts those
+  (``negative_slices``, ``n_true_negative_slices``, ``true_negative_slices``).
 
-Aggregation, both named: ``mean`` is the mean of per-image values; ``pooled`` counts
-TP/FP/FN/TN over all pixels of all images first (a large kidney weighs more).
+Per image, binary: both empty gives IoU = Dice = precision = recall = NaN; exactly one empty
+gives IoU = Dice = 0 and precision 0 (something predicted where nothing is) or NaN (nothing
+predicted), recall 0 (something missed) or NaN (nothing to find).
 """
 from __future__ import annotations
 
@@ -21,9 +34,16 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 
 __all__ = [
-    "confusion", "iou", "dice", "pixel_accuracy", "precision", "recall", "summarise",
-    "overfit_measure", "is_overfit", "match_instances", "instance_scores", "mask_ap",
+    "confusion", "iou", "dice", "pixel_accuracy", "precision", "recall", "summarise", "format_metric",
+    "format_spread", "overfit_measure", "is_overfit", "match_instances", "instance_scores", "tumor_scores",
+    "mask_ap", "SCORING",
 ]
+
+NAN = float("nan")
+# The scoring rule's name, stored in every cached run record (study, contrasts): a record scored
+# under another rule is scored again from its saved models instead of being reused. Change it
+# whenever the definition of a reported figure changes.
+SCORING = "E37"
 
 
 def _binary_pair(pred, target) -> tuple[np.ndarray, np.ndarray]:
@@ -44,28 +64,29 @@ def confusion(pred, target) -> dict[str, int]:
     return {"tp": tp, "fp": fp, "fn": fn, "tn": tn}
 
 
-def _ratio(num: int, den: int, empty: float) -> float:
-    return float(num) / float(den) if den else float(empty)
+def _ratio(num: int, den: int) -> float:
+    """num / den, NaN when den is 0 (undefined, never scored as perfect)."""
+    return float(num) / float(den) if den else NAN
 
 
 def _from_counts(c: Mapping[str, int]) -> dict[str, float]:
     tp, fp, fn, tn = c["tp"], c["fp"], c["fn"], c["tn"]
     return {
-        "iou": _ratio(tp, tp + fp + fn, 1.0),
-        "dice": _ratio(2 * tp, 2 * tp + fp + fn, 1.0),
-        "accuracy": _ratio(tp + tn, tp + fp + fn + tn, 1.0),
-        "precision": _ratio(tp, tp + fp, 1.0),
-        "recall": _ratio(tp, tp + fn, 1.0),
+        "iou": _ratio(tp, tp + fp + fn),
+        "dice": _ratio(2 * tp, 2 * tp + fp + fn),
+        "accuracy": _ratio(tp + tn, tp + fp + fn + tn),
+        "precision": _ratio(tp, tp + fp),
+        "recall": _ratio(tp, tp + fn),
     }
 
 
 def iou(pred, target) -> float:
-    """Foreground intersection over union |P and T| / |P or T| (Table I's IoU); 1 when both are empty."""
+    """Foreground intersection over union |P and T| / |P or T| (Table I's IoU); NaN when both are empty."""
     return _from_counts(confusion(pred, target))["iou"]
 
 
 def dice(pred, target) -> float:
-    """Dice coefficient 2|P and T| / (|P| + |T|); 1 when both are empty."""
+    """Dice coefficient 2|P and T| / (|P| + |T|); NaN when both are empty."""
     return _from_counts(confusion(pred, target))["dice"]
 
 
@@ -75,19 +96,58 @@ def pixel_accuracy(pred, target) -> float:
 
 
 def precision(pred, target) -> float:
-    """TP / (TP + FP); 1 when nothing is predicted."""
+    """TP / (TP + FP); NaN when nothing is predicted (undefined, not perfect)."""
     return _from_counts(confusion(pred, target))["precision"]
 
 
 def recall(pred, target) -> float:
-    """TP / (TP + FN); 1 when the target is empty."""
+    """TP / (TP + FN); NaN when the target is empty (nothing to find)."""
     return _from_counts(confusion(pred, target))["recall"]
 
 
-def summarise(preds: Iterable, targets: Iterable) -> dict[str, float]:
-    """All five metrics over a set of images, both ``mean_<metric>`` (per image) and ``pooled_<metric>``.
+def _is_missing(value) -> bool:
+    if value is None:
+        return True
+    try:
+        return bool(np.isnan(value))
+    except (TypeError, ValueError):
+        return False
 
-    ``preds`` and ``targets`` are sequences (or stacked arrays) of binary masks.
+
+def format_metric(value, digits: int = 3) -> str:
+    """A figure of merit for a table or notebook: ``"n/a"`` for NaN or None, ints as they are,
+    other numbers with ``digits`` decimals (``format_metric(0.5)`` is ``"0.500"``)."""
+    if _is_missing(value):
+        return "n/a"
+    if isinstance(value, (bool, np.bool_)):
+        return str(bool(value))
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)):
+        return f"{float(value):.{digits}f}"
+    return str(value)
+
+
+def format_spread(mean, sd, digits: int = 3) -> str:
+    """``"mean ± sd"`` for a table cell: the s.d. reads "n/a" when undefined (a single seed has
+    no spread, never "± 0.000"); the whole cell reads "n/a" when the mean is undefined."""
+    if _is_missing(mean):
+        return "n/a"
+    return f"{format_metric(float(mean), digits)} ± {format_metric(sd if _is_missing(sd) else float(sd), digits)}"
+
+
+def _mean_defined(values: Sequence[float]) -> tuple[float, int]:
+    """Mean over the values that are defined (not NaN) and how many they are; (NaN, 0) when none is."""
+    defined = [v for v in values if not np.isnan(v)]
+    return (float(np.mean(defined)) if defined else NAN), len(defined)
+
+
+def summarise(preds: Iterable, targets: Iterable) -> dict[str, float]:
+    """All five metrics over a set of images: ``pooled_<metric>`` (the reported figure) and
+    ``mean_<metric>`` (per image, over the ``mean_<metric>_n_images`` images where it is defined).
+
+    ``preds`` and ``targets`` are sequences (or stacked arrays) of binary masks. Also
+    ``n_images``, ``n_predicted_pixels`` and ``n_target_pixels`` (all images together).
     """
     per_image = []
     total = {"tp": 0, "fp": 0, "fn": 0, "tn": 0}
@@ -100,9 +160,13 @@ def summarise(preds: Iterable, targets: Iterable) -> dict[str, float]:
         n += 1
     if n == 0:
         raise ValueError("summarise needs at least one image")
-    out = {f"mean_{k}": float(np.mean([m[k] for m in per_image])) for k in per_image[0]}
+    out: dict = {}
+    for key in per_image[0]:
+        out[f"mean_{key}"], out[f"mean_{key}_n_images"] = _mean_defined([m[key] for m in per_image])
     out.update({f"pooled_{k}": v for k, v in _from_counts(total).items()})
     out["n_images"] = n
+    out["n_predicted_pixels"] = total["tp"] + total["fp"]
+    out["n_target_pixels"] = total["tp"] + total["fn"]
     return out
 
 
@@ -185,32 +249,64 @@ def match_instances(pred_labels, gt_labels, iou_threshold: float = 0.5) -> dict:
 
 
 def instance_scores(pred_label_maps: Iterable, gt_label_maps: Iterable, iou_threshold: float = 0.5) -> dict:
-    """Instance detection precision, recall and F1 at IoU >= ``iou_threshold``, counted over all slices.
+    """Instance detection precision, recall and F1 at IoU >= ``iou_threshold``, pooled over all slices.
 
-    Also the fraction of tumour-free slices where nothing was predicted (``true_negative_slices``).
-    With no instance anywhere (nothing to find, nothing claimed) precision = recall = F1 = 1.
+    TP, FP and FN are counted over all slices first. Precision is NaN when nothing was
+    predicted (``n_predicted`` = 0), recall NaN when there is nothing to find (``n_gt`` = 0),
+    F1 = 2TP / (2TP + FP + FN) NaN only when both are 0: a detector that finds nothing scores
+    F1 = recall = 0 and precision n/a, never 1. Also the tumour-free slices (``negative_slices``),
+    those of them where nothing was predicted (``n_true_negative_slices``, true negatives) and
+    their fraction (``true_negative_slices``, NaN without tumour-free slices).
     """
     tp = fp = fn = 0
-    negatives = negatives_clean = 0
+    n = negatives = negatives_clean = 0
     for pred, gt in zip(pred_label_maps, gt_label_maps, strict=True):
         m = match_instances(pred, gt, iou_threshold)
         tp, fp, fn = tp + m["tp"], fp + m["fp"], fn + m["fn"]
+        n += 1
         if not np.any(gt):
             negatives += 1
             negatives_clean += int(not np.any(pred))
-    prec = _ratio(tp, tp + fp, 1.0)
-    rec = _ratio(tp, tp + fn, 1.0)
-    f1 = _ratio(2 * tp, 2 * tp + fp + fn, 1.0)
-    return {"precision": prec, "recall": rec, "f1": f1, "tp": tp, "fp": fp, "fn": fn,
-            "negative_slices": negatives,
-            "true_negative_slices": _ratio(negatives_clean, negatives, 1.0)}
+    return {"precision": _ratio(tp, tp + fp), "recall": _ratio(tp, tp + fn), "f1": _ratio(2 * tp, 2 * tp + fp + fn),
+            "tp": tp, "fp": fp, "fn": fn, "n_predicted": tp + fp, "n_gt": tp + fn, "n_images": n,
+            "negative_slices": negatives, "n_true_negative_slices": negatives_clean,
+            "true_negative_slices": _ratio(negatives_clean, negatives)}
+
+
+def tumor_scores(pred_label_maps: Iterable, gt_label_maps: Iterable, iou_threshold: float = 0.5) -> dict:
+    """The tumour stage's figures of merit on a set of crops or slices (instance label maps, 0 = background).
+
+    Pooled over all images (the reported numbers): ``dice`` and ``iou`` of the tumour pixels
+    (union of instances); ``instance_precision``, ``instance_recall`` and ``instance_f1`` at IoU
+    >= ``iou_threshold`` from the instance counts ``tp``, ``fp``, ``fn``, with ``n_predicted``
+    and ``n_gt`` instances and ``n_images``. Secondary: ``mean_dice``, the per-image Dice
+    averaged over the ``mean_dice_n_images`` images where it is defined (an image where both
+    the prediction and the target are empty is left out, not scored 1). Also the true-negative
+    counts of ``instance_scores``. Undefined values are NaN (see the module docstring).
+    """
+    preds = [np.asarray(p) for p in pred_label_maps]
+    gts = [np.asarray(g) for g in gt_label_maps]
+    if len(preds) != len(gts):
+        raise ValueError(f"{len(preds)} predicted label maps but {len(gts)} ground-truth maps")
+    if not preds:
+        raise ValueError("tumor_scores needs at least one image")
+    pixels = summarise([p > 0 for p in preds], [g > 0 for g in gts])
+    inst = instance_scores(preds, gts, iou_threshold=iou_threshold)
+    return {"dice": pixels["pooled_dice"], "iou": pixels["pooled_iou"],
+            "instance_precision": inst["precision"], "instance_recall": inst["recall"], "instance_f1": inst["f1"],
+            "tp": inst["tp"], "fp": inst["fp"], "fn": inst["fn"],
+            "n_predicted": inst["n_predicted"], "n_gt": inst["n_gt"], "n_images": inst["n_images"],
+            "mean_dice": pixels["mean_dice"], "mean_dice_n_images": pixels["mean_dice_n_images"],
+            "negative_slices": inst["negative_slices"], "n_true_negative_slices": inst["n_true_negative_slices"],
+            "true_negative_slices": inst["true_negative_slices"]}
 
 
 def mask_ap(gt_label_maps: Sequence, predictions: Sequence[Mapping]) -> dict[str, float]:
     """COCO mask average precision of tumour instances, computed by ``pycocotools`` (the field standard).
 
     ``predictions`` holds one dict per slice with ``masks`` [n, H, W] (bool) and ``scores`` [n].
-    Returns ``AP`` (IoU 0.50:0.95), ``AP50`` and ``AP75``; -1 where COCO finds no ground truth.
+    Returns ``AP`` (IoU 0.50:0.95), ``AP50`` and ``AP75``; NaN (undefined) where there is no
+    ground-truth instance (COCO's -1), 0 when there is one and nothing was predicted.
     """
     from pycocotools import mask as mask_utils
     from pycocotools.coco import COCO
@@ -240,7 +336,7 @@ def mask_ap(gt_label_maps: Sequence, predictions: Sequence[Mapping]) -> dict[str
             rle["counts"] = rle["counts"].decode("ascii")
             results.append({"image_id": image_id, "category_id": 1, "segmentation": rle, "score": float(score)})
     if not annotations:
-        return {"AP": -1.0, "AP50": -1.0, "AP75": -1.0}
+        return {"AP": NAN, "AP50": NAN, "AP75": NAN}
     with contextlib.redirect_stdout(io.StringIO()):
         coco_gt = COCO()
         coco_gt.dataset = {"images": images, "annotations": annotations,
@@ -254,4 +350,4 @@ def mask_ap(gt_label_maps: Sequence, predictions: Sequence[Mapping]) -> dict[str
         evaluator.accumulate()
         evaluator.summarize()
     stats = evaluator.stats
-    return {"AP": float(stats[0]), "AP50": float(stats[1]), "AP75": float(stats[2])}
+    return {name: (NAN if stats[i] < 0 else float(stats[i])) for i, name in enumerate(("AP", "AP50", "AP75"))}

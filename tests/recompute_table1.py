@@ -4,7 +4,8 @@ Usage: python tests/recompute_table1.py RESULTS_DIR
 Reads ``RESULTS_DIR/predictions/<partition>-seed<k>.npz`` and ``RESULTS_DIR/table1_runs.csv``
 with numpy and the csv module only (no kts code), recomputes kidney IoU, pixel accuracy,
 kidney Dice and tumour Dice pooled over the test pixels, and exits non-zero if any differs
-from the table by more than 1e-3.
+from the table by more than 1e-3. Undefined values (nothing predicted and nothing to find)
+are NaN, as in kts.metrics (errata E37): the table must then be NaN (empty in the CSV) too.
 """
 import csv
 import sys
@@ -19,8 +20,8 @@ def pooled(pred: np.ndarray, gt: np.ndarray) -> dict:
     fp = np.sum(pred & ~gt)
     fn = np.sum(~pred & gt)
     tn = pred.size - tp - fp - fn
-    iou = tp / (tp + fp + fn) if tp + fp + fn else 1.0
-    dice = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0
+    iou = tp / (tp + fp + fn) if tp + fp + fn else float("nan")
+    dice = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else float("nan")
     return {"iou": iou, "dice": dice, "accuracy": (tp + tn) / pred.size}
 
 
@@ -37,7 +38,10 @@ def recompute(results: Path) -> list[str]:
         ours = {"iou": kidney["iou"], "accuracy": kidney["accuracy"], "kidney_dice": kidney["dice"],
                 "tumour_dice": tumour["dice"]}
         for key, value in ours.items():
-            if abs(float(row[key]) - value) > 1e-3:
+            table = float(row[key]) if row[key] not in ("", "nan", "NaN") else float("nan")
+            if np.isnan(table) and np.isnan(value):
+                continue
+            if np.isnan(table) or np.isnan(value) or abs(table - value) > 1e-3:
                 problems.append(f"{row['slug']} seed {row['seed']}: {key} table {row[key]} recomputed {value:.4f}")
     return problems
 

@@ -1,4 +1,10 @@
-"""Metrics against hand-computed cases, Keras' BinaryIoU and an independent computation."""
+"""Metrics against hand-computed cases, Keras' BinaryIoU and an independent computation.
+
+The rule under test (kts.metrics' docstring, errata E37): figures pooled over the test set,
+undefined values NaN ("n/a") and never 1, per-image means only over the images where defined.
+"""
+import math
+
 import numpy as np
 import pytest
 
@@ -19,12 +25,15 @@ def test_hand_computed_case():
 
 
 def test_empty_mask_conventions():
+    """Undefined is NaN, never 1: nothing predicted has no precision, nothing to find no recall."""
     empty = np.zeros((3, 3), bool)
     full = np.ones((3, 3), bool)
-    assert metrics.iou(empty, empty) == metrics.dice(empty, empty) == 1.0
+    assert math.isnan(metrics.iou(empty, empty)) and math.isnan(metrics.dice(empty, empty))
+    assert math.isnan(metrics.precision(empty, empty)) and math.isnan(metrics.recall(empty, empty))
     assert metrics.iou(full, empty) == metrics.dice(full, empty) == 0.0
-    assert metrics.precision(full, empty) == 0.0 and metrics.recall(full, empty) == 1.0
-    assert metrics.precision(empty, full) == 1.0 and metrics.recall(empty, full) == 0.0
+    assert metrics.precision(full, empty) == 0.0 and math.isnan(metrics.recall(full, empty))
+    assert math.isnan(metrics.precision(empty, full)) and metrics.recall(empty, full) == 0.0
+    assert metrics.pixel_accuracy(empty, empty) == 1.0  # every pixel is labelled correctly: defined
 
 
 def test_shape_mismatch_is_value_error():
@@ -40,7 +49,23 @@ def test_mean_and_pooled_differ_as_documented():
     s = metrics.summarise([small_p, big_p], [small_t, big_t])
     assert s["mean_iou"] == pytest.approx(0.5)
     assert s["pooled_iou"] == pytest.approx(50 / 51)
-    assert s["n_images"] == 2
+    assert s["n_images"] == 2 and s["mean_iou_n_images"] == 2
+
+
+def test_per_image_means_skip_undefined_images_and_count_them():
+    """An image where prediction and target are both empty leaves the mean Dice (it used to add a 1)."""
+    empty = np.zeros((4, 4), bool)
+    target = np.zeros((4, 4), bool); target[:2, :2] = True  # 4 pixels
+    half = np.zeros((4, 4), bool); half[:2, :1] = True  # 2 of them: Dice 2*2 / (2 + 4)
+    s = metrics.summarise([empty, target, half], [empty, target, target])
+    assert s["mean_dice"] == pytest.approx((1.0 + 4 / 6) / 2)  # was (1 + 1 + 4/6) / 3
+    assert s["mean_dice_n_images"] == 2 and s["mean_iou_n_images"] == 2 and s["n_images"] == 3
+    assert s["mean_precision_n_images"] == 2 and s["mean_recall_n_images"] == 2
+    assert s["mean_accuracy_n_images"] == 3  # accuracy is defined on every image
+    assert s["pooled_dice"] == pytest.approx(2 * 6 / (6 + 8))
+    assert (s["n_predicted_pixels"], s["n_target_pixels"]) == (6, 8)
+    none = metrics.summarise([empty, empty], [empty, empty])
+    assert math.isnan(none["mean_dice"]) and none["mean_dice_n_images"] == 0 and math.isnan(none["pooled_dice"])
 
 
 def test_against_keras_binary_iou_and_independent_formula():
@@ -98,7 +123,8 @@ def test_instance_matching_hand_made():
     assert m["matches"][0][:2] == (1, 1)
     s = metrics.instance_scores([pred, np.zeros((20, 20))], [gt, np.zeros((20, 20))])
     assert s["precision"] == s["recall"] == s["f1"] == pytest.approx(0.5)
-    assert s["negative_slices"] == 1 and s["true_negative_slices"] == 1.0
+    assert (s["tp"], s["fp"], s["fn"], s["n_predicted"], s["n_gt"], s["n_images"]) == (1, 1, 1, 2, 2, 2)
+    assert s["negative_slices"] == 1 and s["n_true_negative_slices"] == 1 and s["true_negative_slices"] == 1.0
     # a low-overlap prediction is not a match
     weak = _labels((0, 4, 3, 7))  # overlap 4/28
     assert metrics.match_instances(weak, _labels((0, 4, 0, 4)))["tp"] == 0
@@ -111,4 +137,66 @@ def test_mask_ap_perfect_and_miss():
     assert perfect["AP"] == pytest.approx(1.0)
     none = metrics.mask_ap([gt], [{"masks": np.zeros((0, 20, 20), bool), "scores": np.zeros(0)}])
     assert none["AP"] == 0.0
-    assert metrics.mask_ap([np.zeros((5, 5))], [{}])["AP"] == -1.0
+    assert math.isnan(metrics.mask_ap([np.zeros((5, 5))], [{}])["AP"])  # no tumour: undefined, not -1
+
+
+def _half_tumour_free_set():
+    """Four crops, two with a tumour each and two tumour-free; a detector that predicts nothing."""
+    gt = [_labels((2, 8, 2, 8)), _labels((10, 16, 4, 12)), _labels(), _labels()]
+    return [np.zeros((20, 20), np.uint16) for _ in gt], gt
+
+
+def test_a_detector_that_finds_nothing_scores_zero_not_half():
+    """Issue 17: per-crop Dice with "both empty = 1" gave such a detector Dice 0.5 and precision 1."""
+    pred, gt = _half_tumour_free_set()
+    pixels = metrics.summarise([p > 0 for p in pred], [g > 0 for g in gt])
+    assert pixels["mean_dice"] == 0.0  # was 0.5: the tumour-free crops each added a Dice of 1
+    assert pixels["pooled_dice"] == 0.0 and math.isnan(pixels["pooled_precision"])
+    inst = metrics.instance_scores(pred, gt)
+    assert math.isnan(inst["precision"])  # was 1.0
+    assert inst["f1"] == 0.0 and inst["recall"] == 0.0
+    s = metrics.tumor_scores(pred, gt)
+    assert s["dice"] == 0.0 and s["iou"] == 0.0  # pooled over all crops
+    assert s["instance_f1"] == 0.0 and s["instance_recall"] == 0.0
+    assert math.isnan(s["instance_precision"]) and s["n_predicted"] == 0 and s["n_gt"] == 2
+    assert metrics.format_metric(s["instance_precision"]) == "n/a"
+    assert (s["tp"], s["fp"], s["fn"], s["n_images"]) == (0, 0, 2, 4)
+    assert s["mean_dice"] == 0.0 and s["mean_dice_n_images"] == 2  # the tumour-free crops are left out
+    assert s["negative_slices"] == 2 and s["n_true_negative_slices"] == 2 and s["true_negative_slices"] == 1.0
+
+
+def test_tumor_scores_hand_made_detection():
+    gt = [_labels((0, 4, 0, 4), (10, 14, 10, 14)), _labels()]
+    pred = [_labels((0, 4, 1, 5), (15, 19, 15, 19)), _labels((0, 2, 0, 2))]  # a match, two false positives
+    s = metrics.tumor_scores(pred, gt)
+    assert (s["tp"], s["fp"], s["fn"], s["n_predicted"], s["n_gt"]) == (1, 2, 1, 3, 2)
+    assert s["instance_precision"] == pytest.approx(1 / 3) and s["instance_recall"] == pytest.approx(0.5)
+    assert s["instance_f1"] == pytest.approx(2 / 5)
+    # pixels: gt 32, pred 16 + 16 + 4, overlap 12
+    assert s["dice"] == pytest.approx(2 * 12 / (32 + 36)) and s["iou"] == pytest.approx(12 / (32 + 36 - 12))
+    assert s["mean_dice"] == pytest.approx((24 / 64 + 0.0) / 2) and s["mean_dice_n_images"] == 2
+    assert s["negative_slices"] == 1 and s["n_true_negative_slices"] == 0  # predicted on the tumour-free slice
+    with pytest.raises(ValueError, match="ground-truth"):
+        metrics.tumor_scores(pred, gt[:1])
+
+
+def test_nothing_to_find_and_nothing_claimed_is_undefined_not_perfect():
+    empty = [_labels(), _labels()]
+    s = metrics.tumor_scores(empty, empty)
+    for key in ("dice", "iou", "instance_precision", "instance_recall", "instance_f1", "mean_dice"):
+        assert math.isnan(s[key]), key
+    assert s["mean_dice_n_images"] == 0 and s["true_negative_slices"] == 1.0  # still true negatives
+
+
+@pytest.mark.parametrize("value, digits, text", [
+    (float("nan"), 3, "n/a"), (None, 3, "n/a"), (np.float32("nan"), 3, "n/a"), (0.5, 3, "0.500"),
+    (np.float64(0.12345), 2, "0.12"), (0.0, 3, "0.000"), (7, 3, "7"), (np.int64(7), 3, "7"), ("x", 3, "x"),
+])
+def test_format_metric(value, digits, text):
+    assert metrics.format_metric(value, digits) == text
+
+
+def test_format_spread_of_one_seed_is_not_zero():
+    assert metrics.format_spread(0.8671, float("nan")) == "0.867 ± n/a"
+    assert metrics.format_spread(0.8671, 0.0123) == "0.867 ± 0.012"
+    assert metrics.format_spread(float("nan"), float("nan")) == "n/a"
