@@ -310,6 +310,9 @@ def explorer_view(image, kidney_gt, tumour_gt, kidney_probability, tumour_pred, 
                   show_maskrcnn: bool = True, panel_size: float = 5.0) -> tuple[Figure, dict]:
     """One slice with toggled overlays, and the kidney IoU/Dice at ``threshold`` (notebook 06's explorer).
 
+    The scores are those of this slice; a value with nothing predicted and nothing to find
+    (e.g. tumour Dice on a tumour-free slice left empty) is NaN, shown "n/a" (errata E37).
+
     Ground truth: kidney in green contour, tumours in red; CU-Net: the thresholded kidney mask
     in blue; Mask R-CNN: tumour instances in orange.
     """
@@ -339,8 +342,8 @@ def explorer_view(image, kidney_gt, tumour_gt, kidney_probability, tumour_pred, 
         if np.any(kidney_gt):
             ax.contour(np.asarray(kidney_gt) > 0, levels=[0.5], colors="lime", linewidths=1.0)
         _outline_tumors(ax, np.asarray(tumour_gt))
-    ax.set_title(f"threshold {threshold:.2f}: kidney IoU {scores['kidney_iou']:.3f}, Dice {scores['kidney_dice']:.3f}",
-                 fontsize=9)
+    ax.set_title(f"threshold {threshold:.2f}: kidney IoU {metrics.format_metric(scores['kidney_iou'])}, "
+                 f"Dice {metrics.format_metric(scores['kidney_dice'])}", fontsize=9)
     return fig, scores
 
 

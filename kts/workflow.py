@@ -140,34 +140,48 @@ def run_cascade(cunet_model, maskrcnn_model, images, threshold: float = 0.5, sco
 
 def score_cascade(kidney_probabilities, kidney_pred, tumour_pred_labels, kidney_gt, tumour_gt_labels,
                   instance_predictions=None, threshold: float = 0.5) -> dict[str, float]:
-    """Table I's IoU and accuracy beside Dice, tumour Dice/IoU, instance F1 and mask AP (errata E9).
+    """Table I's IoU and accuracy beside Dice, tumour Dice/IoU, instance F1 and mask AP (errata E9, E37).
 
+    Every figure is pooled over all test slices (``kts.metrics``' rule); undefined ones are NaN.
     ``iou`` and ``accuracy`` are the paper's columns: the kidney (CU-Net) foreground IoU and the
-    pixel accuracy over whole slices, both pooled over all test pixels as Keras' metrics pool
-    them. ``accuracy_in_kidney`` counts only the pixels inside the ground-truth kidneys
-    (tumour vs. kidney tissue), a reading under which accuracy is not inflated by background.
+    pixel accuracy over whole slices, pooled over all test pixels as Keras' metrics pool them.
+    ``tumour_dice``/``tumour_iou``: the tumour pixels (union of instances). ``accuracy_in_kidney``
+    is the accuracy of the tumour-vs-rest decision over the pixels of the ground-truth kidneys
+    together with every pixel that is ground-truth or predicted tumour, so that a tumour
+    predicted outside the true kidney counts as an error (NaN when that set is empty; before
+    E37 only the pixels inside the true kidney were counted). Instance precision, recall and F1
+    pool matched/unmatched instances over all slices; precision is NaN when nothing was
+    predicted, with ``n_predicted_instances`` beside it. ``kidney_mean_*``/``tumour_mean_dice``
+    are per-slice means over the slices where they are defined, their counts in ``*_n_slices``.
+    ``true_negative_slices``: the fraction of the ``n_tumour_free_slices`` where nothing was
+    predicted. ``kidney_probabilities`` and ``threshold`` are accepted for the callers' sake.
     """
     from kts import metrics
 
-    kidney = metrics.summarise(kidney_pred, kidney_gt)
-    tumour = metrics.summarise(np.asarray(tumour_pred_labels) > 0, np.asarray(tumour_gt_labels) > 0)
-    inside = np.asarray(kidney_gt) > 0
     tumour_pred_bin = np.asarray(tumour_pred_labels) > 0
     tumour_gt_bin = np.asarray(tumour_gt_labels) > 0
-    accuracy_in_kidney = float(np.mean(tumour_pred_bin[inside] == tumour_gt_bin[inside])) if inside.any() else 1.0
+    kidney = metrics.summarise(kidney_pred, kidney_gt)
+    tumour = metrics.summarise(tumour_pred_bin, tumour_gt_bin)
+    region = (np.asarray(kidney_gt) > 0) | tumour_gt_bin | tumour_pred_bin
+    accuracy_in_kidney = float(np.mean(tumour_pred_bin[region] == tumour_gt_bin[region])) if region.any() else np.nan
     inst = metrics.instance_scores(list(tumour_pred_labels), list(tumour_gt_labels))
     out = {
         "iou": kidney["pooled_iou"], "accuracy": kidney["pooled_accuracy"],
-        "kidney_dice": kidney["pooled_dice"], "kidney_mean_dice": kidney["mean_dice"],
-        "kidney_mean_iou": kidney["mean_iou"],
+        "kidney_dice": kidney["pooled_dice"],
+        "kidney_mean_dice": kidney["mean_dice"], "kidney_mean_dice_n_slices": kidney["mean_dice_n_images"],
+        "kidney_mean_iou": kidney["mean_iou"], "kidney_mean_iou_n_slices": kidney["mean_iou_n_images"],
         "tumour_dice": tumour["pooled_dice"], "tumour_iou": tumour["pooled_iou"],
-        "tumour_mean_dice": tumour["mean_dice"],
-        "accuracy_in_kidney": accuracy_in_kidney,
+        "tumour_mean_dice": tumour["mean_dice"], "tumour_mean_dice_n_slices": tumour["mean_dice_n_images"],
+        "accuracy_in_kidney": accuracy_in_kidney, "accuracy_in_kidney_pixels": int(np.count_nonzero(region)),
         "instance_precision": inst["precision"], "instance_recall": inst["recall"], "instance_f1": inst["f1"],
-        "true_negative_slices": inst["true_negative_slices"], "n_test_slices": kidney["n_images"],
+        "n_predicted_instances": inst["n_predicted"], "n_gt_instances": inst["n_gt"],
+        "instance_tp": inst["tp"], "instance_fp": inst["fp"], "instance_fn": inst["fn"],
+        "true_negative_slices": inst["true_negative_slices"], "n_tumour_free_slices": inst["negative_slices"],
+        "n_test_slices": kidney["n_images"],
     }
     if instance_predictions is not None:
-        predictions = [_instance_masks(labels, found) for labels, found in zip(tumour_pred_labels, instance_predictions)]
+        predictions = [_instance_masks(labels, found)
+                       for labels, found in zip(tumour_pred_labels, instance_predictions, strict=True)]
         out["mask_ap"] = metrics.mask_ap(list(tumour_gt_labels), predictions)["AP"]
     return out
 

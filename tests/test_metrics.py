@@ -188,6 +188,46 @@ def test_nothing_to_find_and_nothing_claimed_is_undefined_not_perfect():
     assert s["mean_dice_n_images"] == 0 and s["true_negative_slices"] == 1.0  # still true negatives
 
 
+def _kidney_case():
+    kidney = np.zeros((1, 20, 20), np.uint8)
+    kidney[0, 2:12, 2:12] = 1  # 100 pixels
+    tumour = np.zeros((1, 20, 20), np.uint16)
+    tumour[0, 4:8, 4:8] = 1  # 16 pixels, inside the kidney
+    return kidney, tumour
+
+
+def test_tumour_predicted_outside_the_kidney_lowers_accuracy_in_kidney():
+    """Issue 17: counting only the pixels inside the true kidney never saw such a tumour as an error."""
+    from kts import workflow
+
+    kidney, tumour = _kidney_case()
+    exact = workflow.score_cascade(None, kidney, tumour, kidney, tumour)
+    assert exact["accuracy_in_kidney"] == 1.0
+    outside = tumour.copy()
+    outside[0, 14:19, 14:19] = 2  # 25 pixels of tumour predicted outside the kidney
+    s = workflow.score_cascade(None, kidney, outside, kidney, tumour)
+    assert s["accuracy_in_kidney"] == pytest.approx(100 / 125)  # was 1.0
+    assert s["accuracy_in_kidney_pixels"] == 125 and exact["accuracy_in_kidney_pixels"] == 100
+    assert s["instance_fp"] == 1 and s["n_predicted_instances"] == 2 and s["instance_precision"] == 0.5
+
+
+def test_score_cascade_reports_nothing_found_as_such():
+    from kts import workflow
+
+    kidney, tumour = _kidney_case()
+    free_kidney = kidney.copy()
+    kidneys = np.concatenate([kidney, free_kidney])
+    gt = np.concatenate([tumour, np.zeros_like(tumour)])  # one slice with a tumour, one tumour-free
+    s = workflow.score_cascade(None, kidneys, np.zeros_like(gt), kidneys, gt)
+    assert s["tumour_dice"] == 0.0 and s["instance_f1"] == 0.0 and s["instance_recall"] == 0.0
+    assert s["tumour_mean_dice"] == 0.0  # was 0.5
+    assert math.isnan(s["instance_precision"])  # was 1.0
+    assert s["n_predicted_instances"] == 0 and s["tumour_mean_dice_n_slices"] == 1
+    assert s["n_tumour_free_slices"] == 1 and s["true_negative_slices"] == 1.0
+    assert s["accuracy_in_kidney"] == pytest.approx((200 - 16) / 200)
+    assert s["kidney_dice"] == 1.0 and s["kidney_mean_dice_n_slices"] == 2 and s["n_test_slices"] == 2
+
+
 @pytest.mark.parametrize("value, digits, text", [
     (float("nan"), 3, "n/a"), (None, 3, "n/a"), (np.float32("nan"), 3, "n/a"), (0.5, 3, "0.500"),
     (np.float64(0.12345), 2, "0.12"), (0.0, 3, "0.000"), (7, 3, "7"), (np.int64(7), 3, "7"), ("x", 3, "x"),
