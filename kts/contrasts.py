@@ -63,22 +63,27 @@ def run_one(dataset, held_out: str, seed: int, profile: Profile, work_dir: str |
 
     run_dir = Path(work_dir) / f"without-{held_out}{'' if intensity == 'none' else '-' + intensity}-seed{seed}"
     done = run_dir / "metrics.json"
-    if done.exists():
-        return json.loads(done.read_text())
+    previous = json.loads(done.read_text()) if done.exists() else None
+    if previous is not None and previous.get("scoring") == metrics.SCORING:
+        return previous
+    # not done, or scored under another rule (kts.metrics.SCORING): the finished CU-Net is reloaded, not retrained
     started = time.perf_counter()
     splits = leave_one_out_splits(dataset.index, held_out, seed)
     kts_io.write_json(run_dir / "splits.json", splits)
     kidney = workflow.train_kidney_stage(dataset, splits, profile, run_dir / "cunet", seed=seed, intensity=intensity)
     record = {"held_out": held_out, "intensity": intensity, "seed": seed, "profile": profile.name,
               "trained_on": sorted(set(dataset.subset(splits["train"]).index["weighting"])),
-              "n_train": len(splits["train"]), "n_val": len(splits["val"])}
+              "n_train": len(splits["train"]), "n_val": len(splits["val"]), "scoring": metrics.SCORING}
     for side in ("test_seen", "test_unseen"):
         test = dataset.subset(splits[side])
         scores = metrics.summarise(predict_probabilities(kidney.model, test.images) > 0.5, test.kidney_masks)
         record.update({f"{side}_dice": scores["pooled_dice"], f"{side}_iou": scores["pooled_iou"],
-                       f"{side}_mean_dice": scores["mean_dice"], f"n_{side}": len(splits[side])})
+                       f"{side}_mean_dice": scores["mean_dice"],
+                       f"{side}_mean_dice_n_slices": scores["mean_dice_n_images"], f"n_{side}": len(splits[side])})
     record["dice_gap"] = record["test_seen_dice"] - record["test_unseen_dice"]
     record["wall_s"] = round(time.perf_counter() - started, 1)
+    if previous is not None and "wall_s" in previous:  # rescored: keep the training's wall time
+        record["wall_s"] = previous["wall_s"]
     kts_io.write_json(done, record)
     return record
 
@@ -88,6 +93,7 @@ def run_study(dataset, profile: Profile, held_out: Iterable[str], seed: int, wor
     """One row per left-out weighting and training recipe: kidney Dice on seen and unseen contrasts, the gap."""
     import pandas as pd
 
+    from kts.metrics import format_metric
     from kts.study import release_memory
     from kts.train import INTENSITY
 
@@ -100,19 +106,23 @@ def run_study(dataset, profile: Profile, held_out: Iterable[str], seed: int, wor
         t0 = time.perf_counter()
         row = run_one(dataset, weighting, seed, profile, work_dir, intensity)
         release_memory()
-        print(f"without {weighting}, intensity {intensity}: kidney Dice {row['test_seen_dice']:.3f} on seen contrasts, "
-              f"{row['test_unseen_dice']:.3f} on {weighting} ({time.perf_counter() - t0:.0f} s)", flush=True)
+        print(f"without {weighting}, intensity {intensity}: kidney Dice {format_metric(row['test_seen_dice'])} on seen "
+              f"contrasts, {format_metric(row['test_unseen_dice'])} on {weighting} ({time.perf_counter() - t0:.0f} s)",
+              flush=True)
         rows.append(row)
     return pd.DataFrame(rows)
 
 
 def to_markdown(table) -> str:
-    """The study as a markdown table (pooled kidney Dice; ``dice_gap`` = seen - unseen)."""
+    """The study as a markdown table (pooled kidney Dice; ``dice_gap`` = seen - unseen; undefined: "n/a")."""
+    from kts.metrics import format_metric
+
     header = ("left out", "intensity augmentation", "trained on", "seen-contrast test cases", "kidney Dice, seen",
               "unseen-contrast cases", "kidney Dice, unseen", "gap")
     rows = [(row["held_out"], row["intensity"], ", ".join(row["trained_on"]), str(row["n_test_seen"]),
-             f"{row['test_seen_dice']:.3f}", str(row["n_test_unseen"]), f"{row['test_unseen_dice']:.3f}",
-             f"{row['dice_gap']:+.3f}") for _, row in table.iterrows()]
+             format_metric(row["test_seen_dice"]), str(row["n_test_unseen"]), format_metric(row["test_unseen_dice"]),
+             "n/a" if format_metric(row["dice_gap"]) == "n/a" else f"{row['dice_gap']:+.3f}")
+            for _, row in table.iterrows()]
     return kts_io.markdown_table(rows, header)
 
 

@@ -4,8 +4,12 @@ Table I reports IoU and accuracy for TD-70%/VD-6%, TD-75%/VD-8%, TD-65%/VD-15% a
 TD-60%/VD-20% (test = the rest). For each partition and seed kts trains the whole cascade
 (CU-Net, then Mask R-CNN on kidney crops), runs it on the test cases and scores it.
 A finished partition-seed leaves ``metrics.json`` behind and is never retrained, so an
-interrupted paper-profile run continues where it stopped. The paper's values appear only
-as the reference column.
+interrupted paper-profile run continues where it stopped (a record scored under an older
+rule, ``kts.metrics.SCORING``, is scored again from its saved models, not retrained). The
+paper's values appear only as the reference column.
+
+Every figure is pooled over a run's test slices (``kts.metrics``' rule, errata E37); the table
+gives its mean over seeds and the seeds' s.d., which is undefined ("n/a") with one seed.
 """
 from __future__ import annotations
 
@@ -31,19 +35,24 @@ PAPER_TABLE1 = {
     "TD-60% VD-20%": (0.831, 0.819),
 }
 REPORTED = ("iou", "accuracy", "kidney_dice", "tumour_dice", "tumour_iou", "accuracy_in_kidney",
-            "instance_f1", "mask_ap")
+            "instance_precision", "instance_recall", "instance_f1", "n_predicted_instances", "mask_ap")
 
 
 def run_one(dataset, partition: str, seed: int, profile: Profile, work_dir: str | os.PathLike,
             predictions_dir: str | os.PathLike, progress: bool = True) -> dict:
-    """Train and score the cascade for one partition and seed; skipped when already done."""
-    from kts import data, workflow
+    """Train and score the cascade for one partition and seed; skipped when already done.
+
+    A ``metrics.json`` scored under another rule than ``kts.metrics.SCORING`` is not reused:
+    the finished models in the run folder are reloaded (not retrained) and scored again.
+    """
+    from kts import data, metrics, workflow
 
     slug = data.partition_slug(partition)
     run_dir = Path(work_dir) / workflow.run_name(partition, seed)  # == workflow.run_folder(work, ...)
     done = run_dir / "metrics.json"
-    if done.exists():
-        return json.loads(done.read_text())
+    previous = json.loads(done.read_text()) if done.exists() else None
+    if previous is not None and previous.get("scoring") == metrics.SCORING:
+        return previous
     started = time.perf_counter()
     splits = data.split_partition(dataset.index, partition, seed=seed)
     data.save_splits(run_dir / "splits.json", {run_dir.name: splits})
@@ -64,7 +73,9 @@ def run_one(dataset, partition: str, seed: int, profile: Profile, work_dir: str 
     record = {"partition": partition, "slug": slug, "seed": seed, "profile": profile.name,
               "n_train": len(splits["train"]), "n_val": len(splits["val"]), "n_test": len(splits["test"]),
               "cunet_epochs": int(len(kidney.history)), "cunet_best_epoch": kidney.best_epoch,
-              "wall_s": round(time.perf_counter() - started, 1), **scores}
+              "wall_s": round(time.perf_counter() - started, 1), "scoring": metrics.SCORING, **scores}
+    if previous is not None and "wall_s" in previous:  # rescored: keep the training's wall time
+        record["wall_s"] = previous["wall_s"]
     kts_io.write_json(done, record)
     return record
 
@@ -73,6 +84,8 @@ def run_study(dataset, profile: Profile, seeds: Iterable[int], work_dir: str | o
               results_dir: str | os.PathLike, partitions: Iterable[str] | None = None, progress: bool = True):
     """Every partition x seed (resumable); returns the per-run table (one row per partition-seed)."""
     import pandas as pd
+
+    from kts.metrics import format_metric
 
     partitions = list(partitions or PAPER_TABLE1)
     seeds = list(seeds)
@@ -84,9 +97,9 @@ def run_study(dataset, profile: Profile, seeds: Iterable[int], work_dir: str | o
         t0 = time.perf_counter()
         row = run_one(dataset, partition, seed, profile, work_dir, Path(results_dir) / "predictions", progress)
         release_memory()
-        print(f"[{i}/{total}] {partition} seed {seed}: IoU {row['iou']:.3f}, accuracy {row['accuracy']:.3f}, "
-              f"tumour Dice {row['tumour_dice']:.3f}, instance F1 {row['instance_f1']:.3f} "
-              f"({time.perf_counter() - t0:.0f} s)", flush=True)
+        print(f"[{i}/{total}] {partition} seed {seed}: IoU {format_metric(row['iou'])}, "
+              f"accuracy {format_metric(row['accuracy'])}, tumour Dice {format_metric(row['tumour_dice'])}, "
+              f"instance F1 {format_metric(row['instance_f1'])} ({time.perf_counter() - t0:.0f} s)", flush=True)
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -105,7 +118,11 @@ def release_memory() -> None:
 
 
 def summarise(runs) -> "pd.DataFrame":
-    """Table I: per partition, mean and sd over seeds of each metric, the seed count, the paper's values."""
+    """Table I: per partition, mean and sd over seeds of each metric, the seed count, the paper's values.
+
+    The s.d. (ddof 1) is NaN with one seed: a single run has no spread (it used to read 0).
+    A metric undefined in one seed's run (NaN) makes its mean NaN too.
+    """
     import pandas as pd
 
     out = []
@@ -116,20 +133,26 @@ def summarise(runs) -> "pd.DataFrame":
         for key in REPORTED:
             values = group[key].astype(float).to_numpy() if key in group else np.array([np.nan])
             row[f"{key}_mean"] = float(np.mean(values))
-            row[f"{key}_sd"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+            row[f"{key}_sd"] = float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
         row["n_test_slices"] = int(group["n_test_slices"].iloc[0])
         out.append(row)
     return pd.DataFrame(out)
 
 
 def to_markdown(table) -> str:
-    """Table I as markdown: the paper's IoU and accuracy beside ours (mean ± sd over seeds)."""
+    """Table I as markdown: the paper's IoU and accuracy beside ours (mean ± sd over seeds).
+
+    Undefined values print "n/a": the s.d. of a single seed ("0.867 ± n/a"), a metric
+    undefined on the test slices ("n/a").
+    """
+    from kts.metrics import format_metric, format_spread
+
     def cell(row, key):
-        return f"{row[key + '_mean']:.3f} ± {row[key + '_sd']:.3f}"
+        return format_spread(row[key + "_mean"], row[key + "_sd"])
 
     header = ("Data partition", "paper IoU", "our IoU (kidney)", "paper accuracy", "our accuracy (pixel)",
               "kidney Dice", "tumour Dice", "instance F1", "mask AP", "seeds", "test slices")
-    rows = [(row["partition"], f"{row['paper_iou']:.3f}", cell(row, "iou"), f"{row['paper_accuracy']:.3f}",
+    rows = [(row["partition"], format_metric(row["paper_iou"]), cell(row, "iou"), format_metric(row["paper_accuracy"]),
              cell(row, "accuracy"), cell(row, "kidney_dice"), cell(row, "tumour_dice"), cell(row, "instance_f1"),
              cell(row, "mask_ap"), str(row["n_seeds"]), str(row["n_test_slices"])) for _, row in table.iterrows()]
     return kts_io.markdown_table(rows, header)
@@ -144,7 +167,8 @@ def write_table1(runs, results_dir: str | os.PathLike) -> "pd.DataFrame":
     with kts_io.atomic_path(results_dir / "table1_runs.csv") as tmp:
         runs.to_csv(tmp, index=False, float_format="%.4f")
     note = ("Phantom data, not the paper's TCGA-KIRC slices. IoU: kidney foreground IoU of the CU-Net; "
-            "accuracy: pixel accuracy over whole test slices (both pooled over test pixels); see "
-            "docs/errata.md (E9) for what the paper's columns most plausibly count.\n\n")
+            "accuracy: pixel accuracy over whole test slices; see docs/errata.md (E9) for what the paper's "
+            "columns most plausibly count. Every figure is pooled over a run's test slices (instances for F1); "
+            "undefined values and the spread of a single seed read n/a (E37). Cells: mean ± s.d. over seeds.\n\n")
     kts_io.write_text(results_dir / "table1.md", "# Table I, regenerated\n\n" + note + to_markdown(table))
     return table

@@ -3,9 +3,11 @@
 The rule under test (kts.metrics' docstring, errata E37): figures pooled over the test set,
 undefined values NaN ("n/a") and never 1, per-image means only over the images where defined.
 """
+import json
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from kts import metrics
@@ -240,3 +242,51 @@ def test_format_spread_of_one_seed_is_not_zero():
     assert metrics.format_spread(0.8671, float("nan")) == "0.867 ± n/a"
     assert metrics.format_spread(0.8671, 0.0123) == "0.867 ± 0.012"
     assert metrics.format_spread(float("nan"), float("nan")) == "n/a"
+
+
+def _runs(seeds):
+    from kts import study
+
+    rows = []
+    for seed, value in seeds:
+        row = {key: value for key in study.REPORTED}
+        row.update(partition="TD-70% VD-6%", seed=seed, n_test_slices=7, instance_precision=float("nan"))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def test_table1_with_one_seed_prints_no_spread():
+    """With one seed the s.d. is undefined: Table I printed "± 0.000", as if seeds had agreed."""
+    from kts import study
+
+    table = study.summarise(_runs([(0, 0.8)]))
+    assert math.isnan(table.loc[0, "iou_sd"]) and table.loc[0, "iou_mean"] == pytest.approx(0.8)
+    text = study.to_markdown(table)
+    assert "± 0.000" not in text and "0.800 ± n/a" in text
+    two = study.summarise(_runs([(0, 0.8), (1, 0.6)]))
+    assert two.loc[0, "iou_sd"] == pytest.approx(np.std([0.8, 0.6], ddof=1))
+    assert "0.700 ± 0.141" in study.to_markdown(two)
+    assert math.isnan(two.loc[0, "instance_precision_mean"])  # undefined in every seed: undefined
+
+
+def test_study_rescores_a_record_scored_under_an_older_rule(tmp_path, monkeypatch):
+    """A metrics.json of the old rule must not be reused as it is (its precision 1.0 would survive)."""
+    from kts import data, study, workflow
+
+    run_dir = tmp_path / workflow.run_name("TD-70% VD-6%", 0)
+    run_dir.mkdir()
+    (run_dir / "metrics.json").write_text(json.dumps({"iou": 0.9, "instance_precision": 1.0, "wall_s": 12.0}))
+
+    class Rescored(Exception):
+        pass
+
+    def refuse(*args, **kwargs):
+        raise Rescored
+
+    monkeypatch.setattr(data, "split_partition", refuse)  # the first step after the cache check
+    with pytest.raises(Rescored):
+        study.run_one(type("Dataset", (), {"index": None})(), "TD-70% VD-6%", 0, None, tmp_path,
+                      tmp_path / "predictions")
+    current = {"iou": 0.9, "scoring": metrics.SCORING}
+    (run_dir / "metrics.json").write_text(json.dumps(current))
+    assert study.run_one(None, "TD-70% VD-6%", 0, None, tmp_path, tmp_path / "predictions") == current
