@@ -170,13 +170,15 @@ def _as_instances(item: Any, crop_shape: tuple[int, int]) -> tuple[np.ndarray, n
 
 def paste_instances(instances_per_crop: Sequence[Any], boxes: Sequence[Sequence[int]],
                     image_shape: tuple[int, int], min_pixels: int = 1,
-                    return_instances: bool = False) -> Any:
+                    return_instances: bool = False, overlap_drop: float = 0.5) -> Any:
     """Paste each crop's tumour instances back into slice coordinates (section III.B, Fig. 5).
 
     ``instances_per_crop[k]`` is ``maskrcnn.predict`` output for crop k (``masks``,
     ``scores``) or a crop label map. Each mask is resized (bilinear) to its box's size,
     thresholded at 0.5 and placed; instances from all crops get new consecutive labels
-    1..n, higher scores first, and a pixel claimed by two instances keeps the higher score.
+    1..n, higher scores first, and a pixel claimed by two instances keeps the higher score; an
+    instance of which ``overlap_drop`` or more is already claimed is dropped (no crescent-shaped
+    leftovers of duplicate detections, as in ``kts.maskrcnn.detections_to_labels``).
     Returns a uint16 label map (and, with ``return_instances``, one dict per label).
     """
     from skimage.transform import resize
@@ -206,7 +208,8 @@ def paste_instances(instances_per_crop: Sequence[Any], boxes: Sequence[Sequence[
     records = []
     for score, _, _, full, box in pasted:
         free = full & (out == 0)
-        if free.sum() < max(min_pixels, 1):
+        n_free, area = int(free.sum()), int(full.sum())
+        if n_free < max(min_pixels, 1) or (overlap_drop < 1.0 and area - n_free >= overlap_drop * area):
             continue
         label = len(records) + 1
         out[free] = label
@@ -234,7 +237,8 @@ def masked_image(image: np.ndarray, kidney_mask: np.ndarray, crop_size: int) -> 
 
 
 def training_crops(images: Any, kidney_masks: Any, tumor_labels: Any, crop_size: int, margin: int = 8,
-                   min_area: int = 50, mode: str = "crops", return_sources: bool = False) -> Any:
+                   min_area: int = 50, mode: str = "crops", return_sources: bool = False,
+                   jitter: int = 0, copies: int = 1, seed: int = 0) -> Any:
     """Mask R-CNN training crops from ground-truth kidney masks (section III.B).
 
     One crop per kidney region of each slice (``mode="crops"``) or one kidney-masked,
@@ -242,6 +246,10 @@ def training_crops(images: Any, kidney_masks: Any, tumor_labels: Any, crop_size:
     renumbered. Slices with no kidney give no crop; kidney crops without tumour are kept as
     negative examples. Returns ``(crops float32 [M,S,S], labels uint16 [M,S,S])`` and, with
     ``return_sources``, a list of ``(slice_index, box)`` per crop.
+
+    ``copies`` > 1 with ``jitter`` > 0 cuts each kidney that many times, its box grown or
+    shrunk by up to ``jitter`` pixels per side at random (seeded): crops as loose or tight as
+    a CU-Net's kidney mask would cut them (not in the paper; errata E37).
     """
     size = _check_size(crop_size)
     if mode not in MODES:
@@ -251,12 +259,17 @@ def training_crops(images: Any, kidney_masks: Any, tumor_labels: Any, crop_size:
     tum = _as_stack(tumor_labels, "tumor_labels")
     if not (imgs.shape == kid.shape == tum.shape):
         raise ValueError(f"images {imgs.shape}, kidney_masks {kid.shape} and tumor_labels {tum.shape} must match")
+    if jitter < 0 or copies < 1:
+        raise ValueError(f"jitter must be >= 0 and copies >= 1; got {jitter}, {copies}")
+    rng = np.random.default_rng(seed)
     crops, labels, sources = [], [], []
     for i in range(len(imgs)):
         if mode == "crops":
             boxes = kidney_regions(kid[i], min_area=min_area, margin=margin)
             if not boxes:
                 continue
+            if copies > 1 or jitter > 0:
+                boxes = [_jittered(b, jitter, rng, imgs.shape[1:]) for b in boxes for _ in range(max(copies, 1))]
             crops.append(extract_crops(imgs[i], boxes, size))
             labels.append(extract_label_crops(tum[i], boxes, size))
             sources.extend((i, b) for b in boxes)
@@ -270,6 +283,17 @@ def training_crops(images: Any, kidney_masks: Any, tumor_labels: Any, crop_size:
     crops_arr = np.concatenate(crops) if crops else np.zeros((0, size, size), np.float32)
     labels_arr = np.concatenate(labels) if labels else np.zeros((0, size, size), np.uint16)
     return (crops_arr, labels_arr, sources) if return_sources else (crops_arr, labels_arr)
+
+
+def _jittered(box: Box, jitter: int, rng: np.random.Generator, shape: tuple[int, int]) -> Box:
+    """``box`` with each side moved by up to ``jitter`` pixels, kept square and inside the image."""
+    if jitter <= 0:
+        return box
+    y0, x0, y1, x1 = box
+    side = max(8, (y1 - y0) + int(rng.integers(-jitter, jitter + 1)) * 2)
+    cy = (y0 + y1) / 2.0 + int(rng.integers(-jitter, jitter + 1))
+    cx = (x0 + x1) / 2.0 + int(rng.integers(-jitter, jitter + 1))
+    return _square_box(cy, cx, side, shape[0], shape[1])
 
 
 # ----------------------------------------------------------------------------- the cascade
@@ -289,13 +313,14 @@ def _kidney_masks(values: Any, threshold: float, shape: tuple[int, ...]) -> np.n
 
 
 def run_cascade(images: Any, kidney_probabilities_or_masks: Any, maskrcnn: Any, threshold: float = 0.5,
-                score_threshold: float = 0.5, mode: str = "crops", margin: int = 8, min_area: int = 50,
+                score_threshold: float | None = None, mode: str = "crops", margin: int = 8, min_area: int = 50,
                 restrict_to_kidney: bool = False) -> CascadeResult:
     """Fig. 4: kidney mask -> kidney regions -> Mask R-CNN tumour instances -> slice label map.
 
     ``kidney_probabilities_or_masks``: the CU-Net's sigmoid output (thresholded at
     ``threshold``) or binary masks (bool/integer, used as they are). ``maskrcnn``: a trained
-    :class:`kts.maskrcnn.TumorMaskRCNN` (only ``predict`` and ``config.crop_size`` are used).
+    :class:`kts.maskrcnn.TumorMaskRCNN` (only ``predict`` and ``config.crop_size`` are used);
+    ``score_threshold`` None lets it use its own (chosen on validation crops).
     ``restrict_to_kidney`` drops tumour pixels outside the kidney mask. A slice without
     kidney gives an empty label map and no instances.
     """
@@ -323,7 +348,8 @@ def run_cascade(images: Any, kidney_probabilities_or_masks: Any, maskrcnn: Any, 
         regions[i] = boxes
         owners.extend([i] * len(boxes))
     if crops:
-        predictions = maskrcnn.predict(np.concatenate(crops), score_threshold=score_threshold)
+        predictions = (maskrcnn.predict(np.concatenate(crops)) if score_threshold is None
+                       else maskrcnn.predict(np.concatenate(crops), score_threshold=score_threshold))
         if len(predictions) != len(owners):
             raise ValueError(f"maskrcnn.predict returned {len(predictions)} results for {len(owners)} crops")
         start = 0

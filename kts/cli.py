@@ -1,4 +1,4 @@
-"""The ``kts`` command: ``kts run`` (the notebooks), ``kts fetch`` (real data), ``kts manifest``, ``kts bench``."""
+"""The ``kts`` command: ``kts run`` (the notebooks), ``kts fetch`` (real data), ``kts manifest``, ``kts bench``, ``kts pretrain``."""
 from __future__ import annotations
 
 import sys
@@ -11,9 +11,10 @@ def main(argv: list[str] | None = None) -> int:
         "fetch": ("kts.fetch", "download manifest series from TCIA or IDC"),
         "manifest": ("kts.manifest", "build, check or review data_manifest.csv"),
         "bench": ("kts.bench", "measure speed against this machine's ceiling"),
+        "pretrain": ("kts.pretrain", "pretrain the tumour stage's Mask R-CNN on a synthetic corpus"),
     }
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
-        print("usage: kts {run,fetch,manifest,bench} [options]\n")
+        print("usage: kts {run,fetch,manifest,bench,pretrain} [options]\n")
         for name, (_, text) in commands.items():
             print(f"  {name:<9} {text}")
         return 0 if argv and argv[0] in ("-h", "--help") else 2

@@ -41,6 +41,7 @@ FLIP_MODES = ("double", "dihedral", "random", "none")
 OPTIMIZERS = ("adam", "sgd")
 LR_SCHEDULES = ("constant", "cosine")
 BACKBONES = ("resnet18", "mobilenetv2")
+MASK_PASTES = ("exact", "v1")
 PREDICT_BATCH = 8
 
 
@@ -91,9 +92,16 @@ class MaskRCNNConfig:
     rpn_match_threshold: float = 0.7
     rpn_unmatched_threshold: float = 0.3
     rpn_batch_size_per_im: int = 256
+    rpn_score_loss_weight: float | None = None
     roi_foreground_fraction: float = 0.25
     mask_loss_weight: float = 1.0
+    weight_decay: float = 0.0
     flip: str = "double"
+    scale_jitter: tuple[float, float] = (1.0, 1.0)
+    intensity_jitter: float = 0.0
+    score_threshold: float = 0.5
+    mask_paste: str = "exact"
+    overlap_drop: float = 0.5
 
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONES:
@@ -113,19 +121,48 @@ class MaskRCNNConfig:
                 f"crop_size must be a positive multiple of 2**max_level = {stride}; got {self.crop_size}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1; got {self.batch_size}")
+        if self.mask_paste not in MASK_PASTES:
+            raise ValueError(f"mask_paste must be one of {MASK_PASTES}; got {self.mask_paste!r}")
+        lo, hi = (float(v) for v in self.scale_jitter)
+        if not 0.0 < lo <= hi:
+            raise ValueError(f"scale_jitter must be (min, max) with 0 < min <= max; got {self.scale_jitter!r}")
+        for name in ("score_threshold", "overlap_drop", "intensity_jitter"):
+            if not 0.0 <= float(getattr(self, name)) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1]; got {getattr(self, name)!r}")
+        if self.rpn_score_loss_weight is not None and self.rpn_score_loss_weight <= 0:
+            raise ValueError(f"rpn_score_loss_weight must be > 0 or None; got {self.rpn_score_loss_weight!r}")
         object.__setattr__(self, "aspect_ratios", tuple(float(a) for a in self.aspect_ratios))
+        object.__setattr__(self, "scale_jitter", (lo, hi))
+
+    @property
+    def effective_rpn_score_weight(self) -> float:
+        """The RPN objectness loss weight passed to Model Garden (errata E37).
+
+        Model Garden divides the summed anchor BCE by ``num_sampled_rois`` (its
+        ``RpnScoreLoss(tf.shape(box_outputs)[1])``), not by the ``rpn_batch_size_per_im``
+        anchors it samples; ``None`` (the default) rescales by their ratio so that the loss
+        is the mean BCE over the sampled anchors. ``1.0`` is Model Garden's literal weight.
+        """
+        if self.rpn_score_loss_weight is not None:
+            return float(self.rpn_score_loss_weight)
+        return float(self.num_sampled_rois) / float(self.rpn_batch_size_per_im)
 
     @classmethod
     def paper(cls) -> "MaskRCNNConfig":
-        """ResNet-18 FPN Mask R-CNN on 128x128 kidney crops, batch 2 (paper profile)."""
-        return cls(name="paper", backbone="resnet18", crop_size=128, batch_size=2)
+        """MobileNetV2 FPN Mask R-CNN on 128x128 kidney crops, batch 8 (paper profile; errata E29, E37)."""
+        return cls(name="paper", backbone="mobilenetv2", mobilenet_width=1.0, crop_size=128, batch_size=8,
+                   anchor_size=3.0, num_scales=3, rpn_match_threshold=0.45, num_sampled_rois=64,
+                   learning_rate=1e-3, lr_schedule="cosine", weight_decay=4e-5, flip="dihedral",
+                   scale_jitter=(0.8, 1.25), intensity_jitter=0.3)
 
     @classmethod
     def quick(cls) -> "MaskRCNNConfig":
-        """MobileNetV2 (width 0.5) on 64x64 crops, batch 4 (quick profile for CI)."""
-        return cls(name="quick", backbone="mobilenetv2", crop_size=64, batch_size=4,
-                   anchor_size=2.0, pre_nms_top_k=300, num_proposals=64, test_num_proposals=50,
-                   num_sampled_rois=32, mask_crop_size=28, learning_rate=2e-3)
+        """MobileNetV2 (width 0.5) on 64x64 crops, batch 8 (quick profile for CI)."""
+        return cls(name="quick", backbone="mobilenetv2", mobilenet_width=0.5, crop_size=64, batch_size=8,
+                   anchor_size=1.5, num_scales=3, rpn_match_threshold=0.45, pre_nms_top_k=300, num_proposals=64,
+                   test_num_proposals=50, num_sampled_rois=32, mask_crop_size=28, learning_rate=2e-3,
+                   lr_schedule="cosine", weight_decay=4e-5, flip="dihedral", scale_jitter=(0.8, 1.25),
+                   intensity_jitter=0.3)
 
     @classmethod
     def from_profile(cls, name: str) -> "MaskRCNNConfig":
@@ -138,6 +175,7 @@ class MaskRCNNConfig:
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["aspect_ratios"] = list(self.aspect_ratios)
+        out["scale_jitter"] = list(self.scale_jitter)
         return out
 
     @classmethod
@@ -229,6 +267,7 @@ class TumorMaskRCNN:
         if not isinstance(self.config, MaskRCNNConfig):
             raise ValueError(f"config must be a MaskRCNNConfig; got {type(self.config).__name__}")
         self.seed = seed
+        self.score_threshold = float(self.config.score_threshold)
         self.history: list[dict[str, float]] = []
         self.timing: dict[str, float] = {}
         self._task = None
@@ -273,6 +312,7 @@ class TumorMaskRCNN:
                                                   use_sync_bn=False),
         )
         parser = cfg.Parser(aug_rand_hflip=(c.flip == "random"), max_num_instances=c.max_instances,
+                            aug_scale_min=c.scale_jitter[0], aug_scale_max=c.scale_jitter[1],
                             mask_crop_size=c.mask_crop_size, rpn_match_threshold=c.rpn_match_threshold,
                             rpn_unmatched_threshold=c.rpn_unmatched_threshold,
                             rpn_batch_size_per_im=c.rpn_batch_size_per_im)
@@ -280,7 +320,8 @@ class TumorMaskRCNN:
             model=model,
             train_data=cfg.DataConfig(is_training=True, global_batch_size=c.batch_size, dtype="float32",
                                       parser=parser),
-            losses=cfg.Losses(mask_weight=c.mask_loss_weight),
+            losses=cfg.Losses(mask_weight=c.mask_loss_weight, rpn_score_weight=c.effective_rpn_score_weight,
+                              l2_weight_decay=c.weight_decay),
             use_coco_metrics=False,
         )
 
@@ -310,7 +351,8 @@ class TumorMaskRCNN:
             num_scales=c.num_scales, aspect_ratios=list(c.aspect_ratios), anchor_size=c.anchor_size,
             rpn_match_threshold=p.rpn_match_threshold, rpn_unmatched_threshold=p.rpn_unmatched_threshold,
             rpn_batch_size_per_im=p.rpn_batch_size_per_im, rpn_fg_fraction=p.rpn_fg_fraction,
-            aug_rand_hflip=p.aug_rand_hflip, skip_crowd_during_training=True,
+            aug_rand_hflip=p.aug_rand_hflip, aug_scale_min=p.aug_scale_min, aug_scale_max=p.aug_scale_max,
+            skip_crowd_during_training=True,
             max_num_instances=c.max_instances, include_mask=True, mask_crop_size=c.mask_crop_size,
             dtype="float32")
 
@@ -331,7 +373,13 @@ class TumorMaskRCNN:
         def decode(image, label, inst_ids, inst_boxes, count, index):
             inst_ids = inst_ids[:count]
             masks = tf.cast(tf.equal(label[None], inst_ids[:, None, None]), tf.float32)
-            image01 = tf.tile(image[..., None] / 255.0, [1, 1, 3])
+            image01 = image / 255.0
+            if c.intensity_jitter > 0:  # random gamma and contrast: other scanners (section III.A)
+                j = float(c.intensity_jitter)
+                gamma = tf.exp(tf.random.uniform([], -j, j, seed=seed))
+                gain = tf.exp(tf.random.uniform([], -j / 2, j / 2, seed=seed + 1))
+                image01 = tf.clip_by_value(tf.pow(image01, gamma) * gain, 0.0, 1.0)
+            image01 = tf.tile(image01[..., None], [1, 1, 3])
             return {
                 "source_id": tf.strings.as_string(index),
                 "image": image01,  # float in [0, 1]: normalize_image then uses MEAN_NORM/STDDEV_NORM
@@ -357,7 +405,8 @@ class TumorMaskRCNN:
     def fit(self, images: Any, instance_label_maps: Any, steps: int = 300,
             validation: tuple[Any, Any] | None = None, seed: int = 0, progress: bool = True,
             validate_every: int = 100, deterministic: bool = True,
-            initial_weights: str | os.PathLike | None = None) -> list[dict[str, float]]:
+            initial_weights: str | os.PathLike | None = None, learning_rate: float | None = None,
+            step_offset: int = 0, total_steps: int | None = None) -> list[dict[str, float]]:
         """Train on kidney crops and their tumour instance label maps (section IV).
 
         From scratch by default; ``initial_weights`` (a folder written by :meth:`save`, of
@@ -368,6 +417,9 @@ class TumorMaskRCNN:
         score/box, Fast R-CNN class/box, mask. With ``validation=(crops, label_maps)``, every
         ``validate_every`` steps (and at the end) the history also gets instance precision,
         recall and F1 at IoU 0.5 on those crops. Crops without tumour are negatives.
+        ``learning_rate`` overrides the config's (fine-tuning uses a smaller one);
+        ``step_offset`` and ``total_steps`` place these steps inside a longer schedule (the
+        chunks of :func:`kts.pretrain.pretrain`: warm-up only at step 0, one cosine over all).
         Returns the history (one dict per step); ``self.timing`` gets seconds per step and
         the cost of the first (tracing) step.
         """
@@ -401,7 +453,8 @@ class TumorMaskRCNN:
         if initial_weights is not None:
             self._read_weights(initial_weights, checked=True)
         task, model = self._task, self._model
-        schedule = _WarmupSchedule(c.learning_rate, c.warmup_steps, int(steps), c.lr_schedule)
+        schedule = _WarmupSchedule(c.learning_rate if learning_rate is None else float(learning_rate),
+                                   c.warmup_steps, int(total_steps or steps), c.lr_schedule, int(step_offset))
         if c.optimizer == "sgd":
             optimizer = tf_keras.optimizers.SGD(learning_rate=schedule, momentum=0.9, clipnorm=10.0)
         else:
@@ -441,18 +494,21 @@ class TumorMaskRCNN:
         self._predict_fn = None
         return self.history
 
-    def evaluate(self, images: Any, instance_label_maps: Any, score_threshold: float = 0.5,
+    def evaluate(self, images: Any, instance_label_maps: Any, score_threshold: float | None = None,
                  iou_threshold: float = 0.5) -> dict[str, float]:
-        """Instance precision, recall, F1 (IoU >= ``iou_threshold``) and mean Dice on crops."""
+        """Pooled instance precision, recall, F1 (IoU >= ``iou_threshold``) and tumour Dice on crops.
+
+        Counted over all crops (``kts.metrics`` rule): a detector that finds nothing scores Dice 0
+        and F1 0, and its precision is NaN ("n/a"), with ``n_predicted`` = 0 beside it.
+        """
         from kts import metrics
 
         crops = _as_crops(images, self.config.crop_size)
         gt = _as_label_maps(instance_label_maps, crops.shape)
         pred = self.predict_labels(crops, score_threshold=score_threshold)
-        scores = metrics.instance_scores(list(pred), list(gt), iou_threshold=iou_threshold)
-        dice = float(np.mean([metrics.dice(p > 0, g > 0) for p, g in zip(pred, gt)]))
-        return {"precision": float(scores["precision"]), "recall": float(scores["recall"]),
-                "f1": float(scores["f1"]), "dice": dice}
+        sc = metrics.tumor_scores(list(pred), list(gt), iou_threshold=iou_threshold)
+        return {"precision": sc["instance_precision"], "recall": sc["instance_recall"], "f1": sc["instance_f1"],
+                "dice": sc["dice"], "n_predicted": sc["n_predicted"], "n_gt": sc["n_gt"]}
 
     # -- inference -----------------------------------------------------------------------
     def _get_predict_fn(self):
@@ -483,16 +539,19 @@ class TumorMaskRCNN:
         self._predict_fn = predict_fn
         return predict_fn
 
-    def predict(self, images: Any, score_threshold: float = 0.5) -> list[dict[str, np.ndarray]]:
+    def predict(self, images: Any, score_threshold: float | None = None) -> list[dict[str, np.ndarray]]:
         """Tumour instances per crop: ``boxes`` [n,4] yxyx pixels, ``scores`` [n], ``masks`` [n,S,S] bool.
 
-        Section III.B: RPN proposals, ROI Align, class/box head, FCN mask head; the
-        28x28 mask probabilities are pasted into the box and thresholded at 0.5.
+        Section III.B: RPN proposals, ROI Align, class/box head, FCN mask head; each 28x28
+        mask probability map is warped exactly (sub-pixel) into its box and thresholded at
+        0.5 (``config.mask_paste="v1"``: Model Garden's older integer paste, ~1 px dilated).
+        ``score_threshold`` None uses ``self.score_threshold`` (chosen on validation crops
+        by :meth:`choose_score_threshold`); pass 0 for every detection (mask AP).
         """
         import tensorflow as tf
-        from official.vision.ops import mask_ops
 
-        if not 0.0 <= float(score_threshold) <= 1.0:
+        threshold = self.score_threshold if score_threshold is None else float(score_threshold)
+        if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"score_threshold must be in [0, 1]; got {score_threshold}")
         s = self.config.crop_size
         crops = _as_crops(images, s)
@@ -505,27 +564,57 @@ class TumorMaskRCNN:
             out = {k: v.numpy() for k, v in fn(tf.constant(padded)).items()}
             for j in range(len(chunk)):
                 n = int(out["num_detections"][j])
-                keep = (out["detection_scores"][j, :n] >= score_threshold) & (out["detection_classes"][j, :n] == 1)
+                keep = (out["detection_scores"][j, :n] >= threshold) & (out["detection_classes"][j, :n] == 1)
                 boxes = out["detection_boxes"][j, :n][keep].astype(np.float32)
                 scores = out["detection_scores"][j, :n][keep].astype(np.float32)
                 order = np.argsort(-scores, kind="stable")
                 boxes, scores = boxes[order], scores[order]
                 probs = out["detection_masks"][j, :n][keep][order]
-                if len(boxes):
-                    xywh = np.stack([boxes[:, 1], boxes[:, 0], boxes[:, 3] - boxes[:, 1],
-                                     boxes[:, 2] - boxes[:, 0]], axis=1)
-                    masks = mask_ops.paste_instance_masks(probs, xywh, s, s).astype(bool)
-                else:
-                    masks = np.zeros((0, s, s), bool)
+                masks = paste_masks(probs, boxes, s, self.config.mask_paste)
                 results.append({"boxes": boxes, "scores": scores, "masks": masks})
         return results
 
-    def predict_labels(self, images: Any, score_threshold: float = 0.5, min_pixels: int = 1) -> np.ndarray:
-        """uint16 instance label maps [N,S,S]: instances 1..n by score; higher score wins overlaps."""
+    def predict_labels(self, images: Any, score_threshold: float | None = None, min_pixels: int = 1) -> np.ndarray:
+        """uint16 instance label maps [N,S,S]: instances 1..n by score; higher score wins overlaps.
+
+        An instance mostly covered by better-scored ones (``config.overlap_drop``) is dropped
+        rather than left as a crescent-shaped false positive.
+        """
         dets = self.predict(images, score_threshold=score_threshold)
         s = self.config.crop_size
-        return np.stack([detections_to_labels(d, (s, s), min_pixels) for d in dets]) if dets else \
-            np.zeros((0, s, s), np.uint16)
+        return np.stack([detections_to_labels(d, (s, s), min_pixels, self.config.overlap_drop) for d in dets]) \
+            if dets else np.zeros((0, s, s), np.uint16)
+
+    def choose_score_threshold(self, images: Any, instance_label_maps: Any,
+                               candidates: Sequence[float] = tuple(np.round(np.arange(0.05, 0.96, 0.05), 2)),
+                               iou_threshold: float = 0.5) -> dict[str, Any]:
+        """Pick the detection score threshold on validation crops and keep it with the model.
+
+        The threshold with the highest pooled instance F1 (IoU >= ``iou_threshold``) wins; ties go
+        to the higher pooled tumour Dice, then to the value nearest 0.5. With no tumour in the
+        crops nothing can be chosen and the current threshold stays. Returns the sweep.
+        """
+        from kts import metrics
+
+        crops = _as_crops(images, self.config.crop_size)
+        gt = _as_label_maps(instance_label_maps, crops.shape)
+        dets = self.predict(crops, score_threshold=min(candidates))
+        s = self.config.crop_size
+        rows = []
+        for t in candidates:
+            kept = [{k: v[d["scores"] >= t] for k, v in d.items()} for d in dets]
+            pred = [detections_to_labels(d, (s, s), 1, self.config.overlap_drop) for d in kept]
+            sc = metrics.tumor_scores(pred, list(gt), iou_threshold=iou_threshold)
+            rows.append({"threshold": float(t), "f1": sc["instance_f1"], "dice": sc["dice"]})
+        if not np.any(gt):
+            return {"threshold": self.score_threshold, "sweep": rows, "chosen": False}
+        def key(r):
+            f1 = -1.0 if np.isnan(r["f1"]) else r["f1"]
+            dice = -1.0 if np.isnan(r["dice"]) else r["dice"]
+            return (round(f1, 6), round(dice, 6), -abs(r["threshold"] - 0.5))
+        best = max(rows, key=key)
+        self.score_threshold = best["threshold"]
+        return {"threshold": best["threshold"], "sweep": rows, "chosen": True}
 
     # -- persistence ---------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
@@ -549,7 +638,9 @@ class TumorMaskRCNN:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         write_json(folder / CONFIG_FILE, {"config": self.config.to_dict(), "seed": self.seed,
-                                          "history_tail": self.history[-1:] if self.history else []})
+                                          "score_threshold": self.score_threshold,
+                                          "history_tail": self.history[-1:] if self.history else [],
+                                          "provenance": getattr(self, "provenance", {})})
         return folder
 
     @classmethod
@@ -558,6 +649,9 @@ class TumorMaskRCNN:
         saved_config, seed = cls._saved_config(path, config)
         obj = cls(config if config is not None else saved_config, seed=seed)
         obj._read_weights(path, checked=True)
+        saved = json.loads((Path(path) / CONFIG_FILE).read_text(encoding="utf-8"))
+        obj.score_threshold = float(saved.get("score_threshold", obj.score_threshold))
+        obj.provenance = saved.get("provenance", {})
         return obj
 
     @staticmethod
@@ -601,21 +695,81 @@ class TumorMaskRCNN:
         status.expect_partial()
 
 
-def detections_to_labels(detections: dict[str, np.ndarray], shape: Sequence[int], min_pixels: int = 1) -> np.ndarray:
-    """One crop's detections -> uint16 label map; paint lowest score first so the highest wins."""
+def detections_to_labels(detections: dict[str, np.ndarray], shape: Sequence[int], min_pixels: int = 1,
+                         overlap_drop: float = 0.5) -> np.ndarray:
+    """One crop's detections -> uint16 label map, instances 1..n by descending score.
+
+    Masks are taken best score first; a pixel keeps the first (best) instance that claims it.
+    An instance of which at least ``overlap_drop`` of the mask is already claimed, or whose
+    unclaimed part has fewer than ``min_pixels`` pixels, is dropped: a lower-scored duplicate
+    would otherwise leave its uncovered crescent as a false-positive instance (mask-level NMS).
+    ``overlap_drop=1`` keeps every leftover part.
+    """
     out = np.zeros(tuple(shape), np.uint16)
-    masks, scores = detections["masks"], np.asarray(detections["scores"])
-    order = np.argsort(scores, kind="stable")  # ascending: later (higher) overwrite
-    painted = np.zeros(tuple(shape), np.int32)
-    for rank, k in enumerate(order, start=1):
-        painted[masks[k]] = rank
+    masks, scores = np.asarray(detections["masks"]).astype(bool), np.asarray(detections["scores"])
+    order = np.argsort(-scores, kind="stable")
     label = 0
-    for rank in range(len(order), 0, -1):  # relabel by descending score, drop tiny leftovers
-        region = painted == rank
-        if region.sum() >= min_pixels:
-            label += 1
-            out[region] = label
+    for k in order:
+        mask = masks[k]
+        area = int(mask.sum())
+        if area == 0:
+            continue
+        free = mask & (out == 0)
+        n_free = int(free.sum())
+        if n_free < max(min_pixels, 1) or (overlap_drop < 1.0 and (area - n_free) >= overlap_drop * area):
+            continue
+        label += 1
+        out[free] = label
     return out
+
+
+def paste_masks(probabilities: np.ndarray, boxes_yxyx: np.ndarray, size: int, method: str = "exact") -> np.ndarray:
+    """Mask-head probabilities [n, m, m] -> binary masks [n, size, size] in their boxes (yxyx pixels).
+
+    ``"exact"``: Model Garden's ``paste_instance_masks_v2`` (a sub-pixel affine warp of the
+    m x m grid onto the box, then > 0.5); ``"v1"``: the older ``paste_instance_masks``, which
+    truncates boxes and uses the +1 width convention (about a pixel of dilation and shift).
+    """
+    from official.vision.ops import mask_ops
+
+    probs = np.asarray(probabilities, np.float32)
+    boxes = np.asarray(boxes_yxyx, np.float32).reshape(-1, 4)
+    if len(boxes) == 0:
+        return np.zeros((0, size, size), bool)
+    xywh = np.stack([boxes[:, 1], boxes[:, 0], boxes[:, 3] - boxes[:, 1], boxes[:, 2] - boxes[:, 0]], axis=1)
+    if method == "v1":
+        return mask_ops.paste_instance_masks(probs, xywh, size, size).astype(bool)
+    if method != "exact":
+        raise ValueError(f"method must be one of {MASK_PASTES}; got {method!r}")
+    return mask_ops.paste_instance_masks_v2(probs, xywh, size, size).astype(bool)
+
+
+def anchor_positives(config: MaskRCNNConfig, instance_label_maps: Any) -> np.ndarray:
+    """How many RPN anchors each ground-truth tumour gets as positives (IoU >= the match threshold).
+
+    Model Garden's anchors (``official.vision.ops.anchor.Anchor``) for ``config`` against every
+    instance's box in every crop; 0 means the tumour is learnt only through the one anchor
+    that Model Garden force-matches to it. Returns one count per instance.
+    """
+    from official.vision.ops import anchor
+
+    labels = _as_label_maps(instance_label_maps, np.shape(instance_label_maps) if np.ndim(instance_label_maps) == 3
+                            else (1,) + np.shape(instance_label_maps))
+    s = config.crop_size
+    gen = anchor.Anchor(config.min_level, config.max_level, config.num_scales, list(config.aspect_ratios),
+                        config.anchor_size, [s, s])
+    anchors = np.concatenate([np.reshape(b.numpy(), (-1, 4)) for b in gen.multilevel_boxes.values()])
+    counts = []
+    for label_map in labels:
+        _, boxes = _instances(label_map, 10 ** 6)
+        for b in boxes * s:
+            y0, x0 = np.maximum(anchors[:, 0], b[0]), np.maximum(anchors[:, 1], b[1])
+            y1, x1 = np.minimum(anchors[:, 2], b[2]), np.minimum(anchors[:, 3], b[3])
+            inter = np.clip(y1 - y0, 0, None) * np.clip(x1 - x0, 0, None)
+            area_a = (anchors[:, 2] - anchors[:, 0]) * (anchors[:, 3] - anchors[:, 1])
+            iou = inter / (area_a + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+            counts.append(int(np.count_nonzero(iou >= config.rpn_match_threshold)))
+    return np.asarray(counts, np.int64)
 
 
 def _dihedral(stack: np.ndarray) -> np.ndarray:
@@ -627,7 +781,7 @@ def _dihedral(stack: np.ndarray) -> np.ndarray:
 class _WarmupSchedule:
     """Linear warm-up, then a constant or cosine-decayed rate (a tf_keras LearningRateSchedule)."""
 
-    def __new__(cls, rate: float, warmup_steps: int, total_steps: int = 0, kind: str = "constant"):
+    def __new__(cls, rate: float, warmup_steps: int, total_steps: int = 0, kind: str = "constant", offset: int = 0):
         import math
 
         import tensorflow as tf
@@ -635,7 +789,7 @@ class _WarmupSchedule:
 
         class Schedule(tf_keras.optimizers.schedules.LearningRateSchedule):
             def __call__(self, step):
-                step = tf.cast(step, tf.float32)
+                step = tf.cast(step, tf.float32) + float(offset)
                 value = tf.constant(rate, tf.float32)
                 if kind == "cosine" and total_steps > warmup_steps:
                     t = tf.clip_by_value((step - warmup_steps) / float(total_steps - warmup_steps), 0.0, 1.0)
@@ -645,7 +799,8 @@ class _WarmupSchedule:
                 return value * tf.minimum(1.0, (step + 1.0) / float(warmup_steps))
 
             def get_config(self):
-                return {"rate": rate, "warmup_steps": warmup_steps, "total_steps": total_steps, "kind": kind}
+                return {"rate": rate, "warmup_steps": warmup_steps, "total_steps": total_steps, "kind": kind,
+                        "offset": offset}
 
         return Schedule()
 

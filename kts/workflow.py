@@ -85,38 +85,76 @@ def train_kidney_stage(dataset, splits: dict, profile: Profile, out_dir: str | o
                        verbose=verbose)
 
 
-def tumour_crops(dataset, case_ids, crop_size: int):
-    """Kidney crops from the ground-truth kidney masks and their tumour instance maps (section III.B)."""
+def tumour_crops(dataset, case_ids, crop_size: int, copies: int = 1, jitter: int = 0, seed: int = 0,
+                 return_sources: bool = False):
+    """Kidney crops from the ground-truth kidney masks and their tumour instance maps (section III.B).
+
+    ``copies``/``jitter`` cut each kidney several times with jittered boxes (training only,
+    errata E37); ``return_sources`` adds the MR weighting of each crop's slice.
+    """
     from kts import cascade
 
     part = dataset.subset(case_ids)
-    return cascade.training_crops(part.images, part.kidney_masks, part.tumor_labels, crop_size=crop_size)
+    crops, labels, sources = cascade.training_crops(part.images, part.kidney_masks, part.tumor_labels,
+                                                    crop_size=crop_size, copies=copies, jitter=jitter, seed=seed,
+                                                    return_sources=True)
+    if not return_sources:
+        return crops, labels
+    weightings = part.index["weighting"].tolist()
+    return crops, labels, [weightings[i] for i, _ in sources]
+
+
+INITS = ("pretrained", "scratch")
+FINE_TUNE_LR_FACTOR = 0.5  # fine-tuning takes half the pretraining's learning rate
 
 
 def train_tumour_stage(dataset, splits: dict, profile: Profile, out_dir: str | os.PathLike, seed: int = 0,
-                       steps: int | None = None, resume: bool = True, progress: bool = True, validate: bool = True):
+                       steps: int | None = None, resume: bool = True, progress: bool = True, validate: bool = True,
+                       init: str = "pretrained"):
     """Train (or reload) the Mask R-CNN on kidney crops of the training cases (section III.B).
 
+    ``init="pretrained"`` fine-tunes the weights shipped in ``kts/weights`` (``kts.pretrain``,
+    the stand-in for COCO weights, errata E35; trained once and cached if missing);
+    ``"scratch"`` starts from random weights. Training crops are cut twice per kidney with
+    jittered boxes (E37). Afterwards the detection score threshold is chosen on the
+    validation crops (kept with the model; with no tumour there, the pretrained one stays).
     ``validate`` scores the validation crops four times during training (the curves of
-    notebook 03); the split study turns it off, since it scores the whole cascade on the test cases.
+    notebook 03); the split study turns it off.
     """
-    from kts.maskrcnn import MaskRCNNConfig, TumorMaskRCNN
+    from kts import pretrain
     from kts.io import write_json
+    from kts.maskrcnn import MaskRCNNConfig, TumorMaskRCNN
 
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}; got {init!r}")
     out_dir = Path(out_dir)
     done = out_dir / "history.json"
     config = MaskRCNNConfig.from_profile(profile.maskrcnn_profile)
     if resume and done.exists():
-        return TumorMaskRCNN.load(out_dir / "model"), _read_json(done)
-    train_crops, train_labels = tumour_crops(dataset, splits["train"], config.crop_size)[:2]
-    val_crops, val_labels = tumour_crops(dataset, splits["val"], config.crop_size)[:2]
+        info = _read_json(done)
+        if info.get("init", "scratch") == init and (out_dir / "model" / "maskrcnn_config.json").is_file():
+            return TumorMaskRCNN.load(out_dir / "model"), info
+    jitter = pretrain.BOX_JITTER[profile.maskrcnn_profile]
+    train_crops, train_labels = tumour_crops(dataset, splits["train"], config.crop_size, copies=2, jitter=jitter,
+                                             seed=seed)
+    val_crops, val_labels = tumour_crops(dataset, splits["val"], config.crop_size)
     model = TumorMaskRCNN(config, seed=seed)
     steps = steps or profile.maskrcnn_steps
+    initial, learning_rate = None, None
+    if init == "pretrained":
+        initial = pretrain.weights_dir(profile.maskrcnn_profile)
+        if not (initial / "provenance.json").is_file():
+            print(f"No pretrained weights in {initial.name}/: pretraining them once (kts.pretrain) ...", flush=True)
+            pretrain.pretrain(profile.maskrcnn_profile, progress=progress)
+        model.score_threshold = pretrain.load_pretrained(profile.maskrcnn_profile).score_threshold
+        learning_rate = config.learning_rate * FINE_TUNE_LR_FACTOR
     history = model.fit(train_crops, train_labels, steps=steps, seed=seed, progress=progress,
                         validation=(val_crops, val_labels) if validate else None,
-                        validate_every=max(steps // 4, 1))
+                        validate_every=max(steps // 4, 1), initial_weights=initial, learning_rate=learning_rate)
+    choice = model.choose_score_threshold(val_crops, val_labels)
     model.save(out_dir / "model")
-    write_json(done, {"history": history, "timing": getattr(model, "timing", {}),
+    write_json(done, {"history": history, "timing": getattr(model, "timing", {}), "init": init,
+                      "score_threshold": model.score_threshold, "threshold_chosen_on_validation": choice["chosen"],
                       "n_train_crops": int(len(train_crops)), "n_val_crops": int(len(val_crops))})
     return model, _read_json(done)
 
@@ -127,8 +165,10 @@ def _read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
-def run_cascade(cunet_model, maskrcnn_model, images, threshold: float = 0.5, score_threshold: float = 0.5):
-    """Figure 4 on slices: CU-Net kidney probabilities, then Mask R-CNN tumour instances in kidney crops."""
+def run_cascade(cunet_model, maskrcnn_model, images, threshold: float = 0.5, score_threshold: float | None = None):
+    """Figure 4 on slices: CU-Net kidney probabilities, then Mask R-CNN tumour instances in kidney crops.
+
+    ``score_threshold`` None takes the Mask R-CNN's own (chosen on validation crops)."""
     from kts import cascade
     from kts.train import predict_probabilities
 

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from kts.errors import KtsInputError
-from kts.maskrcnn import MaskRCNNConfig, TumorMaskRCNN, detections_to_labels
+from kts.maskrcnn import MaskRCNNConfig, TumorMaskRCNN, anchor_positives, detections_to_labels, paste_masks
 
-TRAIN_STEPS = 200
+TRAIN_STEPS = 300  # issue 12's sanity bound: 32 crops overfitted to F1 >= 0.95 within 300 steps
 
 
 def blob_crops(n: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -40,7 +40,7 @@ def blob_crops(n: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 def test_profiles_and_config_validation():
     quick, paper = MaskRCNNConfig.quick(), MaskRCNNConfig.paper()
-    assert paper.backbone == "resnet18" and paper.crop_size == 128 and paper.batch_size == 2
+    assert paper.backbone == "mobilenetv2" and paper.crop_size == 128 and paper.batch_size == 8
     assert quick.backbone == "mobilenetv2" and quick.crop_size % 2 ** quick.max_level == 0
     assert MaskRCNNConfig.from_profile("quick") == quick
     assert MaskRCNNConfig.from_dict(json.loads(json.dumps(paper.to_dict()))) == paper
@@ -123,12 +123,74 @@ def test_detections_to_labels_higher_score_wins():
     assert not empty.any()
 
 
+def test_rpn_score_loss_is_the_mean_over_sampled_anchors():
+    """Model Garden divides the anchor BCE by num_sampled_rois, not by the sampled anchors (errata E37)."""
+    quick = MaskRCNNConfig.quick()
+    assert quick.effective_rpn_score_weight == pytest.approx(quick.num_sampled_rois / quick.rpn_batch_size_per_im)
+    assert TumorMaskRCNN(quick).task_config().losses.rpn_score_weight == pytest.approx(32 / 256)
+    literal = dataclasses.replace(quick, rpn_score_loss_weight=1.0)
+    assert TumorMaskRCNN(literal).task_config().losses.rpn_score_weight == 1.0
+    with pytest.raises(ValueError, match="rpn_score_loss_weight"):
+        dataclasses.replace(quick, rpn_score_loss_weight=0.0)
+
+
+def _ideal_mask_target(mask: np.ndarray, box: np.ndarray, m: int = 28) -> np.ndarray:
+    """The m x m mask of ``box`` (yxyx, pixel edges) sampled at its cell centres, bilinearly."""
+    from scipy import ndimage
+
+    y0, x0, y1, x1 = box
+    ys = y0 + (np.arange(m) + 0.5) * (y1 - y0) / m - 0.5
+    xs = x0 + (np.arange(m) + 0.5) * (x1 - x0) / m - 0.5
+    yy, xx = np.meshgrid(ys, xs, indexing="ij")
+    return ndimage.map_coordinates(mask.astype(np.float32), [yy, xx], order=1, mode="constant")
+
+
+@pytest.mark.parametrize("size", [64, 128])
+def test_ground_truth_masks_pasted_back_exactly(size):
+    """Issue 12: ground-truth boxes with ground-truth 28x28 masks pasted back give Dice >= 0.99."""
+    from kts import metrics
+
+    _, labels = blob_crops(24, size, seed=3)
+    exact, v1 = [], []
+    for label_map in labels:
+        for i in np.unique(label_map)[1:]:
+            mask = label_map == i
+            rows, cols = np.nonzero(mask)
+            box = np.array([rows.min(), cols.min(), rows.max() + 1, cols.max() + 1], np.float32)
+            target = _ideal_mask_target(mask, box)[None]
+            exact.append(metrics.dice(paste_masks(target, box[None], size, "exact")[0], mask))
+            v1.append(metrics.dice(paste_masks(target, box[None], size, "v1")[0], mask))
+    assert min(exact) >= 0.99, min(exact)
+    assert min(v1) < 0.98  # the older paste dilates and shifts: this test tells them apart
+
+
+def test_a_covered_duplicate_leaves_no_crescent():
+    masks = np.zeros((2, 16, 16), bool)
+    masks[0, 2:10, 2:10] = True   # the better detection
+    masks[1, 3:11, 3:11] = True   # a shifted duplicate: most of it is covered
+    labels = detections_to_labels({"masks": masks, "scores": np.array([0.9, 0.6])}, (16, 16))
+    assert labels.max() == 1 and np.array_equal(labels > 0, masks[0])
+    kept = detections_to_labels({"masks": masks, "scores": np.array([0.9, 0.6])}, (16, 16), overlap_drop=1.0)
+    assert kept.max() == 2  # the literal "higher score wins" leaves the crescent as a second instance
+
+
+def test_every_tumour_size_gets_positive_anchors():
+    """Anchors (scales, levels, match threshold) give the crops' tumours several positives (errata E37)."""
+    for config in (MaskRCNNConfig.quick(), MaskRCNNConfig.paper()):
+        _, labels = blob_crops(24, config.crop_size, seed=4)
+        counts = anchor_positives(config, labels)
+        assert len(counts) > 10
+        assert np.median(counts) >= 3 and np.mean(counts == 0) <= 0.1, (config.name, counts)
+    old = dataclasses.replace(MaskRCNNConfig.quick(), num_scales=1, anchor_size=2.0, rpn_match_threshold=0.7)
+    assert np.mean(anchor_positives(old, blob_crops(24, 64, seed=4)[1]) == 0) > 0.5
+
+
 # ----------------------------------------------------------------------------- slow (one training)
 
 @pytest.fixture(scope="module")
 def trained():
-    config = MaskRCNNConfig.quick()
-    images, labels = blob_crops(48, config.crop_size, seed=0)
+    config = dataclasses.replace(MaskRCNNConfig.quick(), flip="none", scale_jitter=(1.0, 1.0), intensity_jitter=0.0)
+    images, labels = blob_crops(32, config.crop_size, seed=0)
     images[0], labels[0] = 50.0, 0  # a crop with no tumour must be usable (negative example)
     model = TumorMaskRCNN(config)
     history = model.fit(images, labels, steps=TRAIN_STEPS, seed=0, progress=False)
@@ -146,6 +208,11 @@ def test_training_learns_to_find_tumours(trained):
     first = np.mean([h["total_loss"] for h in history[:10]])
     last = np.mean([h["total_loss"] for h in history[-10:]])
     assert last < 0.5 * first
+    train_images, train_labels = blob_crops(32, model.config.crop_size, seed=0)
+    train_images[0], train_labels[0] = 50.0, 0
+    choice = model.choose_score_threshold(train_images, train_labels)
+    assert choice["chosen"] and model.score_threshold == choice["threshold"]
+    assert model.evaluate(train_images, train_labels)["f1"] >= 0.95  # the overfit sanity check of issue 12
     test_images, test_labels = blob_crops(16, model.config.crop_size, seed=1)
     result = model.evaluate(test_images, test_labels)
     assert result["recall"] >= 0.8, result
@@ -154,7 +221,7 @@ def test_training_learns_to_find_tumours(trained):
     for p in predictions:
         n = len(p["scores"])
         assert p["boxes"].shape == (n, 4) and p["masks"].shape == (n, 64, 64) and p["masks"].dtype == bool
-        assert np.all(np.diff(p["scores"]) <= 0) and np.all(p["scores"] >= 0.5)
+        assert np.all(np.diff(p["scores"]) <= 0) and np.all(p["scores"] >= model.score_threshold)
         if n:
             assert np.all(p["boxes"][:, 2] >= p["boxes"][:, 0]) and p["boxes"].max() <= 64.5
     ap = metrics.mask_ap(list(test_labels), predictions)
@@ -192,7 +259,7 @@ def test_save_load_round_trip_gives_identical_predictions(trained, tmp_path):
     model.save(tmp_path / "ckpt")  # overwriting is fine
     assert (tmp_path / "ckpt" / "maskrcnn_config.json").is_file()
     loaded = TumorMaskRCNN.load(tmp_path / "ckpt")
-    assert loaded.config == model.config
+    assert loaded.config == model.config and loaded.score_threshold == model.score_threshold
     after = loaded.predict(images, score_threshold=0.3)
     for a, b in zip(before, after):
         np.testing.assert_array_equal(a["scores"], b["scores"])
