@@ -249,7 +249,7 @@ def training_crops(images: Any, kidney_masks: Any, tumor_labels: Any, crop_size:
 
     ``copies`` > 1 with ``jitter`` > 0 cuts each kidney that many times, its box grown or
     shrunk by up to ``jitter`` pixels per side at random (seeded): crops as loose or tight as
-    a CU-Net's kidney mask would cut them (not in the paper; errata E37).
+    a CU-Net's kidney mask would cut them (not in the paper; errata E38).
     """
     size = _check_size(crop_size)
     if mode not in MODES:

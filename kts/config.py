@@ -57,13 +57,13 @@ PROFILES: dict[str, Profile] = {
         name="paper", n_cases=30, slices_per_case=1, difficulty="paper", image_size=320,
         cunet_base_filters=16, cunet_epochs=100, cunet_batch_size=4,
         early_stopping_patience=10, reduce_lr_patience=5,
-        maskrcnn_profile="paper", maskrcnn_steps=600, seeds=3,
+        maskrcnn_profile="paper", maskrcnn_steps=300, seeds=3,
     ),
     "quick": Profile(
         name="quick", n_cases=30, slices_per_case=1, difficulty="paper", image_size=128,
         cunet_base_filters=8, cunet_epochs=15, cunet_batch_size=4,
         early_stopping_patience=5, reduce_lr_patience=3,
-        maskrcnn_profile="quick", maskrcnn_steps=80, seeds=1, contrasts_left_out=("t1_pre",),
+        maskrcnn_profile="quick", maskrcnn_steps=150, seeds=1, contrasts_left_out=("t1_pre",),
     ),
 }
 

@@ -136,7 +136,7 @@ class MaskRCNNConfig:
 
     @property
     def effective_rpn_score_weight(self) -> float:
-        """The RPN objectness loss weight passed to Model Garden (errata E37).
+        """The RPN objectness loss weight passed to Model Garden (errata E38).
 
         Model Garden divides the summed anchor BCE by ``num_sampled_rois`` (its
         ``RpnScoreLoss(tf.shape(box_outputs)[1])``), not by the ``rpn_batch_size_per_im``
@@ -149,7 +149,7 @@ class MaskRCNNConfig:
 
     @classmethod
     def paper(cls) -> "MaskRCNNConfig":
-        """MobileNetV2 FPN Mask R-CNN on 128x128 kidney crops, batch 8 (paper profile; errata E29, E37)."""
+        """MobileNetV2 FPN Mask R-CNN on 128x128 kidney crops, batch 8 (paper profile; errata E29, E38)."""
         return cls(name="paper", backbone="mobilenetv2", mobilenet_width=1.0, crop_size=128, batch_size=8,
                    anchor_size=3.0, num_scales=3, rpn_match_threshold=0.45, num_sampled_rois=64,
                    learning_rate=1e-3, lr_schedule="cosine", weight_decay=4e-5, flip="dihedral",
@@ -695,9 +695,9 @@ class TumorMaskRCNN:
         status.expect_partial()
 
 
-def detections_to_labels(detections: dict[str, np.ndarray], shape: Sequence[int], min_pixels: int = 1,
-                         overlap_drop: float = 0.5) -> np.ndarray:
-    """One crop's detections -> uint16 label map, instances 1..n by descending score.
+def resolve_overlaps(detections: dict[str, np.ndarray], shape: Sequence[int], min_pixels: int = 1,
+                     overlap_drop: float = 0.5) -> dict[str, np.ndarray]:
+    """One crop's detections with overlaps resolved: ``masks`` [n,H,W] disjoint, ``scores`` [n], best first.
 
     Masks are taken best score first; a pixel keeps the first (best) instance that claims it.
     An instance of which at least ``overlap_drop`` of the mask is already claimed, or whose
@@ -705,21 +705,33 @@ def detections_to_labels(detections: dict[str, np.ndarray], shape: Sequence[int]
     would otherwise leave its uncovered crescent as a false-positive instance (mask-level NMS).
     ``overlap_drop=1`` keeps every leftover part.
     """
-    out = np.zeros(tuple(shape), np.uint16)
+    shape = tuple(shape)
     masks, scores = np.asarray(detections["masks"]).astype(bool), np.asarray(detections["scores"])
-    order = np.argsort(-scores, kind="stable")
-    label = 0
-    for k in order:
+    claimed = np.zeros(shape, bool)
+    kept_masks, kept_scores = [], []
+    for k in np.argsort(-scores, kind="stable"):
         mask = masks[k]
         area = int(mask.sum())
         if area == 0:
             continue
-        free = mask & (out == 0)
+        free = mask & ~claimed
         n_free = int(free.sum())
         if n_free < max(min_pixels, 1) or (overlap_drop < 1.0 and (area - n_free) >= overlap_drop * area):
             continue
-        label += 1
-        out[free] = label
+        claimed |= free
+        kept_masks.append(free)
+        kept_scores.append(float(scores[k]))
+    return {"masks": np.array(kept_masks, bool).reshape(len(kept_masks), *shape),
+            "scores": np.array(kept_scores, np.float32)}
+
+
+def detections_to_labels(detections: dict[str, np.ndarray], shape: Sequence[int], min_pixels: int = 1,
+                         overlap_drop: float = 0.5) -> np.ndarray:
+    """One crop's detections -> uint16 label map, instances 1..n by descending score (:func:`resolve_overlaps`)."""
+    resolved = resolve_overlaps(detections, shape, min_pixels, overlap_drop)
+    out = np.zeros(tuple(shape), np.uint16)
+    for label, mask in enumerate(resolved["masks"], start=1):
+        out[mask] = label
     return out
 
 

@@ -281,3 +281,18 @@ def predict_tumor_labels(model, crops, threshold: float = 0.5, min_pixels: int =
     """
     return labels_from_probabilities(predict_tumor_probabilities(model, crops, batch_size),
                                      threshold=threshold, min_pixels=min_pixels)
+
+
+def predict_detections(model, crops, threshold: float = 0.5, min_pixels: int = 4) -> list[dict[str, np.ndarray]]:
+    """Per crop ``{"masks" [n,S,S] bool, "scores" [n]}``: each component scored by its mean probability.
+
+    The shape :func:`kts.metrics.mask_ap` takes, so the reference gets a mask AP beside Mask R-CNN's.
+    """
+    probabilities = predict_tumor_probabilities(model, crops)
+    labels = labels_from_probabilities(probabilities, threshold=threshold, min_pixels=min_pixels)
+    out = []
+    for prob, label_map in zip(probabilities, labels):
+        ids = [i for i in np.unique(label_map) if i]
+        masks = np.array([label_map == i for i in ids], bool).reshape(len(ids), *label_map.shape)
+        out.append({"masks": masks, "scores": np.array([float(prob[m].mean()) for m in masks], np.float32)})
+    return out

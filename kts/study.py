@@ -45,7 +45,7 @@ def run_one(dataset, partition: str, seed: int, profile: Profile, work_dir: str 
     A ``metrics.json`` scored under another rule than ``kts.metrics.SCORING`` is not reused:
     the finished models in the run folder are reloaded (not retrained) and scored again.
     """
-    from kts import data, metrics, workflow
+    from kts import cascade, data, metrics, workflow
 
     slug = data.partition_slug(partition)
     run_dir = Path(work_dir) / workflow.run_name(partition, seed)  # == workflow.run_folder(work, ...)
@@ -61,15 +61,23 @@ def run_one(dataset, partition: str, seed: int, profile: Profile, work_dir: str 
                                                   progress=progress, validate=False)
     test = dataset.subset(splits["test"])
     probabilities, result = workflow.run_cascade(kidney.model, tumour_model, test.images)
+    everything = cascade.run_cascade(test.images, probabilities, tumour_model, score_threshold=0.0)
     scores = workflow.score_cascade(probabilities, result.kidney_masks, result.tumor_labels, test.kidney_masks,
-                                    test.tumor_labels, instance_predictions=result.instances)
+                                    test.tumor_labels, instance_predictions=result.instances,
+                                    all_detections=(everything.tumor_labels, everything.instances),
+                                    weightings=test.index["weighting"].tolist())
     with kts_io.atomic_path(Path(predictions_dir) / f"{run_dir.name}.npz") as tmp:
         np.savez_compressed(tmp, case_ids=np.array(test.index["case_id"], dtype=str),
                             kidney_probability=probabilities.astype(np.float16),
                             kidney_pred=result.kidney_masks.astype(np.uint8),
                             kidney_gt=test.kidney_masks.astype(np.uint8),
                             tumour_pred=result.tumor_labels.astype(np.uint16),
-                            tumour_gt=test.tumor_labels.astype(np.uint16))
+                            tumour_gt=test.tumor_labels.astype(np.uint16),
+                            # every detection with its score, so mask AP can be recomputed from results/
+                            tumour_all_detections=everything.tumor_labels.astype(np.uint16),
+                            tumour_all_scores=_scores_by_label(everything),
+                            score_threshold=np.float32(tumour_model.score_threshold),
+                            weighting=np.array(test.index["weighting"], dtype=str))
     record = {"partition": partition, "slug": slug, "seed": seed, "profile": profile.name,
               "n_train": len(splits["train"]), "n_val": len(splits["val"]), "n_test": len(splits["test"]),
               "cunet_epochs": int(len(kidney.history)), "cunet_best_epoch": kidney.best_epoch,
@@ -78,6 +86,16 @@ def run_one(dataset, partition: str, seed: int, profile: Profile, work_dir: str 
         record["wall_s"] = previous["wall_s"]
     kts_io.write_json(done, record)
     return record
+
+
+def _scores_by_label(result) -> np.ndarray:
+    """float32 [N, max instances]: the score of instance label k+1 of slice i at [i, k], NaN padding."""
+    width = max([len(r) for r in result.instances] + [1])
+    out = np.full((len(result.instances), width), np.nan, np.float32)
+    for i, records in enumerate(result.instances):
+        for r in records:
+            out[i, r["label"] - 1] = r["score"]
+    return out
 
 
 def run_study(dataset, profile: Profile, seeds: Iterable[int], work_dir: str | os.PathLike,

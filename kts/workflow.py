@@ -90,7 +90,7 @@ def tumour_crops(dataset, case_ids, crop_size: int, copies: int = 1, jitter: int
     """Kidney crops from the ground-truth kidney masks and their tumour instance maps (section III.B).
 
     ``copies``/``jitter`` cut each kidney several times with jittered boxes (training only,
-    errata E37); ``return_sources`` adds the MR weighting of each crop's slice.
+    errata E38); ``return_sources`` adds the MR weighting of each crop's slice.
     """
     from kts import cascade
 
@@ -116,7 +116,7 @@ def train_tumour_stage(dataset, splits: dict, profile: Profile, out_dir: str | o
     ``init="pretrained"`` fine-tunes the weights shipped in ``kts/weights`` (``kts.pretrain``,
     the stand-in for COCO weights, errata E35; trained once and cached if missing);
     ``"scratch"`` starts from random weights. Training crops are cut twice per kidney with
-    jittered boxes (E37). Afterwards the detection score threshold is chosen on the
+    jittered boxes (E38). Afterwards the detection score threshold is chosen on the
     validation crops (kept with the model; with no tumour there, the pretrained one stays).
     ``validate`` scores the validation crops four times during training (the curves of
     notebook 03); the split study turns it off.
@@ -159,6 +159,58 @@ def train_tumour_stage(dataset, splits: dict, profile: Profile, out_dir: str | o
     return model, _read_json(done)
 
 
+def train_tumour_reference(dataset, splits: dict, profile: Profile, out_dir: str | os.PathLike, seed: int = 0,
+                           epochs: int | None = None, resume: bool = True):
+    """The dense reference of issue 12 (not the paper's method): a narrow CU-Net on the same kidney crops."""
+    from kts import pretrain, reference
+    from kts.maskrcnn import MaskRCNNConfig
+
+    config = MaskRCNNConfig.from_profile(profile.maskrcnn_profile)
+    jitter = pretrain.BOX_JITTER[profile.maskrcnn_profile]
+    train = tumour_crops(dataset, splits["train"], config.crop_size, copies=2, jitter=jitter, seed=seed)
+    val = tumour_crops(dataset, splits["val"], config.crop_size)
+    reference.train_dense_reference(train[0], train[1], val[0], val[1], out_dir, z=8,
+                                    epochs=epochs or REFERENCE_EPOCHS[profile.name], seed=seed, resume=resume)
+    return reference.load_dense_reference(out_dir)
+
+
+REFERENCE_EPOCHS = {"paper": 40, "quick": 15}
+
+
+def compare_tumour_models(models: dict, crops, labels, weightings) -> "Any":
+    """One row per model and MR weighting (and ``pooled``): pooled tumour Dice, instance F1/precision/recall, mask AP.
+
+    ``models`` maps a name to a :class:`kts.maskrcnn.TumorMaskRCNN` (its own score threshold;
+    mask AP over every detection) or a dense reference Keras model (:mod:`kts.reference`).
+    """
+    import pandas as pd
+
+    from kts import metrics, reference
+    from kts.maskrcnn import TumorMaskRCNN, resolve_overlaps
+
+    weightings = list(weightings)
+    if len(weightings) != len(crops):
+        raise ValueError(f"{len(weightings)} weightings for {len(crops)} crops")
+    rows = []
+    for name, model in models.items():
+        if isinstance(model, TumorMaskRCNN):
+            pred = model.predict_labels(crops)
+            every = [resolve_overlaps(d, np.shape(crops)[1:3], 1, model.config.overlap_drop)
+                     for d in model.predict(crops, score_threshold=0.0)]
+        else:
+            pred = reference.predict_tumor_labels(model, crops)
+            every = reference.predict_detections(model, crops)
+        for group in [*sorted(set(weightings)), "pooled"]:
+            rows_k = [i for i, w in enumerate(weightings) if group in ("pooled", w)]
+            sc = metrics.tumor_scores([pred[i] for i in rows_k], [labels[i] for i in rows_k])
+            ap = metrics.mask_ap([labels[i] for i in rows_k], [every[i] for i in rows_k])
+            rows.append({"model": name, "weighting": group, "crops": len(rows_k), "tumours": sc["n_gt"],
+                         "tumour_dice": sc["dice"], "instance_f1": sc["instance_f1"],
+                         "instance_precision": sc["instance_precision"], "instance_recall": sc["instance_recall"],
+                         "n_predicted": sc["n_predicted"], "mask_ap": ap["AP"]})
+    return pd.DataFrame(rows)
+
+
 def _read_json(path: Path) -> Any:
     import json
 
@@ -179,7 +231,8 @@ def run_cascade(cunet_model, maskrcnn_model, images, threshold: float = 0.5, sco
 
 
 def score_cascade(kidney_probabilities, kidney_pred, tumour_pred_labels, kidney_gt, tumour_gt_labels,
-                  instance_predictions=None, threshold: float = 0.5) -> dict[str, float]:
+                  instance_predictions=None, threshold: float = 0.5, all_detections=None,
+                  weightings=None) -> dict[str, float]:
     """Table I's IoU and accuracy beside Dice, tumour Dice/IoU, instance F1 and mask AP (errata E9, E37).
 
     Every figure is pooled over all test slices (``kts.metrics``' rule); undefined ones are NaN.
@@ -195,6 +248,10 @@ def score_cascade(kidney_probabilities, kidney_pred, tumour_pred_labels, kidney_
     are per-slice means over the slices where they are defined, their counts in ``*_n_slices``.
     ``true_negative_slices``: the fraction of the ``n_tumour_free_slices`` where nothing was
     predicted. ``kidney_probabilities`` and ``threshold`` are accepted for the callers' sake.
+    ``mask_ap`` (COCO, IoU 0.50:0.95) ranks detections by score, so it is computed over every
+    detection (``all_detections``: a ``(label_maps, instances)`` pair from a cascade run at
+    score threshold 0) when given, else over ``instance_predictions``. ``weightings`` (one MR
+    weighting per slice) adds ``tumour_dice_<w>``, ``instance_f1_<w>`` and ``n_slices_<w>``.
     """
     from kts import metrics
 
@@ -219,10 +276,23 @@ def score_cascade(kidney_probabilities, kidney_pred, tumour_pred_labels, kidney_
         "true_negative_slices": inst["true_negative_slices"], "n_tumour_free_slices": inst["negative_slices"],
         "n_test_slices": kidney["n_images"],
     }
+    if all_detections is not None:
+        tumour_pred_labels_ap, instance_predictions = all_detections
+    else:
+        tumour_pred_labels_ap = tumour_pred_labels
     if instance_predictions is not None:
         predictions = [_instance_masks(labels, found)
-                       for labels, found in zip(tumour_pred_labels, instance_predictions, strict=True)]
+                       for labels, found in zip(tumour_pred_labels_ap, instance_predictions, strict=True)]
         out["mask_ap"] = metrics.mask_ap(list(tumour_gt_labels), predictions)["AP"]
+    if weightings is not None:
+        weightings = list(weightings)
+        if len(weightings) != len(tumour_gt_bin):
+            raise ValueError(f"{len(weightings)} weightings for {len(tumour_gt_bin)} slices")
+        for w in sorted(set(weightings)):
+            rows = [i for i, x in enumerate(weightings) if x == w]
+            sc = metrics.tumor_scores([tumour_pred_labels[i] for i in rows], [tumour_gt_labels[i] for i in rows])
+            out[f"tumour_dice_{w}"], out[f"instance_f1_{w}"], out[f"n_slices_{w}"] = \
+                sc["dice"], sc["instance_f1"], len(rows)
     return out
 
 
