@@ -469,6 +469,7 @@ class TumorMaskRCNN:
             task.train_step(inputs, model, optimizer, metrics)
             return {name: by_name[name].result() for name in LOSS_NAMES}
 
+        _hide_unused_mobilenet_gradients()
         iterator = iter(self._dataset(crops, labels, seed))
         self.history = []
         bar = tqdm(range(int(steps)), desc=f"Mask R-CNN ({c.name})", disable=not progress, leave=False)
@@ -815,6 +816,32 @@ class _WarmupSchedule:
                         "offset": offset}
 
         return Schedule()
+
+
+class _UnusedBlockFilter:
+    """Drops tf_keras' "Gradients do not exist" warning for MobileNetV2's last block only.
+
+    Model Garden's MobileNetV2 builds a final 1x1 conv block (``conv2dbn_block_*``) that the FPN
+    never reads, so its batch-norm variables get no gradient at every step: expected, harmless.
+    Any other variable without a gradient is still reported.
+    """
+
+    def filter(self, record) -> bool:
+        import re
+
+        message = record.getMessage()
+        if not message.startswith("Gradients do not exist for variables"):
+            return True
+        names = re.findall(r"'([^']+)'", message)
+        return not names or not all(n.startswith("conv2dbn_block") for n in names)
+
+
+def _hide_unused_mobilenet_gradients() -> None:
+    import logging
+
+    logger = logging.getLogger("tensorflow")
+    if not any(isinstance(f, _UnusedBlockFilter) for f in logger.filters):
+        logger.addFilter(_UnusedBlockFilter())
 
 
 def clear_session() -> None:

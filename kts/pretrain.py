@@ -71,12 +71,19 @@ def corpus_crops(profile_name: str, n_cases: int, seed: int, crop_size: int, cop
 
 
 def _git_commit() -> str | None:
+    """HEAD's commit, with ``-dirty`` appended when ``kts/`` has uncommitted changes."""
+    here = Path(__file__).resolve().parent
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or None
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, cwd=here)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", str(here)], capture_output=True, text=True,
+                               timeout=10, cwd=here)
     except (OSError, subprocess.SubprocessError):
         return None
+    commit = head.stdout.strip()
+    if not commit:
+        return None
+    changed = [line for line in dirty.stdout.splitlines() if "weights/" not in line]
+    return commit + ("-dirty" if changed else "")
 
 
 def pretrain(profile_name: str, out_dir: str | None = None, steps: int | None = None,

@@ -124,7 +124,7 @@ def test_detections_to_labels_higher_score_wins():
 
 
 def test_rpn_score_loss_is_the_mean_over_sampled_anchors():
-    """Model Garden divides the anchor BCE by num_sampled_rois, not by the sampled anchors (errata E37)."""
+    """Model Garden divides the anchor BCE by num_sampled_rois, not by the sampled anchors (errata E38)."""
     quick = MaskRCNNConfig.quick()
     assert quick.effective_rpn_score_weight == pytest.approx(quick.num_sampled_rois / quick.rpn_batch_size_per_im)
     assert TumorMaskRCNN(quick).task_config().losses.rpn_score_weight == pytest.approx(32 / 256)
@@ -175,7 +175,7 @@ def test_a_covered_duplicate_leaves_no_crescent():
 
 
 def test_every_tumour_size_gets_positive_anchors():
-    """Anchors (scales, levels, match threshold) give the crops' tumours several positives (errata E37)."""
+    """Anchors (scales, levels, match threshold) give the crops' tumours several positives (errata E38)."""
     for config in (MaskRCNNConfig.quick(), MaskRCNNConfig.paper()):
         _, labels = blob_crops(24, config.crop_size, seed=4)
         counts = anchor_positives(config, labels)
@@ -272,3 +272,18 @@ def test_save_load_round_trip_gives_identical_predictions(trained, tmp_path):
     cfg_file.write_text(json.dumps(saved))
     with pytest.raises(ValueError, match="do not fit config 'edited'"):
         TumorMaskRCNN.load(tmp_path / "ckpt")
+
+
+def test_only_the_unused_mobilenet_block_warning_is_hidden():
+    import logging
+
+    from kts.maskrcnn import _UnusedBlockFilter
+
+    def record(msg):
+        return logging.LogRecord("tensorflow", logging.WARNING, __file__, 1, msg, None, None)
+
+    f = _UnusedBlockFilter()
+    assert not f.filter(record("Gradients do not exist for variables ['conv2dbn_block_1/batch_normalization/gamma:0', "
+                               "'conv2dbn_block_1/batch_normalization/beta:0'] when minimizing the loss."))
+    assert f.filter(record("Gradients do not exist for variables ['rpn_head/conv/kernel:0'] when minimizing the loss."))
+    assert f.filter(record("something else"))
