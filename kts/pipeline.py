@@ -273,6 +273,11 @@ def results_section(results: str | os.PathLike) -> str:
     if (results / "table1.md").exists():
         table = (results / "table1.md").read_text().split("\n\n", 2)[-1]
         lines += ["**Table I**, regenerated (`results/table1.md`, `results/table1.csv`):", "", table.strip(), ""]
+    if (results / "tumour_stage.md").exists():
+        lines += ["**The tumour stage on held-out kidney crops** (notebook 03, `results/tumour_stage.md`; TD-70%/VD-6% "
+                  "test cases, crops cut from the true kidneys, pooled per MR weighting): Mask R-CNN fine-tuned from "
+                  "kts's pretrained start, the same detector from scratch, and a dense reference that is not the "
+                  "paper's method (errata E35, E38):", "", (results / "tumour_stage.md").read_text().strip(), ""]
     if (results / "contrasts.md").exists():
         table = (results / "contrasts.md").read_text().split("\n\n", 1)[-1]
         lines += ["**Unseen MR contrasts** (notebook 07, `results/contrasts.md`): kidney Dice of a CU-Net trained "
