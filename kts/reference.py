@@ -55,10 +55,10 @@ def _check_crops(crops, what: str) -> np.ndarray:
     x = x.astype(np.float32)
     if not np.all(np.isfinite(x)):
         raise ValueError(f"{what} crops contain NaN or Inf values")
-    if x.min() < 0 or x.max() > 255:
+    if x.min() < -0.5 or x.max() > 255.5:  # tolerate resampling round-off, as kts.maskrcnn does
         raise ValueError(f"{what} crops must hold grey levels in 0..255 (as kts.cascade cuts them); "
                          f"got values in {x.min():g}..{x.max():g}")
-    return x
+    return np.clip(x, 0.0, 255.0)
 
 
 def _check_labels(labels, crops: np.ndarray, what: str) -> np.ndarray:

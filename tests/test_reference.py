@@ -129,7 +129,7 @@ GOOD_X, GOOD_Y = discs(2, seed=3)
     (GOOD_X, GOOD_Y[:1], "differ in shape"),
     (GOOD_X[:, :, :16], GOOD_Y[:, :, :16], "square"),
     (GOOD_X[:, :24, :24], GOOD_Y[:, :24, :24], "divisible by 16"),
-    (GOOD_X / 255.0 - 0.5, GOOD_Y, "0..255"),
+    (GOOD_X / 255.0 - 1.0, GOOD_Y, "0..255"),
     (np.where(GOOD_X > 100, np.nan, GOOD_X), GOOD_Y, "NaN"),
     (GOOD_X, GOOD_Y.astype(np.float32), "integer instance label maps"),
     (GOOD_X, GOOD_Y.astype(np.int32) - 1, "negative"),
