@@ -136,6 +136,25 @@ def work_dir(profile: str | None = None) -> Path:
     return _folder(WORK_ENV, "work", profile or "paper")
 
 
+def git_commit(dirty_of: str | os.PathLike | None = None) -> str | None:
+    """HEAD's commit of the checkout kts runs from (None outside git); with ``dirty_of`` (a folder),
+    ``-dirty`` is appended when that folder has uncommitted changes other than shipped weights."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, cwd=here)
+        commit = head.stdout.strip()
+        if not commit or dirty_of is None:
+            return commit or None
+        status = subprocess.run(["git", "status", "--porcelain", "--", str(dirty_of)], capture_output=True,
+                                text=True, timeout=10, cwd=here)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    changed = [line for line in status.stdout.splitlines() if "weights/" not in line]
+    return commit + ("-dirty" if changed else "")
+
+
 def versions() -> dict[str, str]:
     """Versions of Python and of the libraries whose behaviour the results depend on."""
     from importlib import metadata

@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -93,15 +92,6 @@ def record_metrics(name: str, values: dict[str, Any], results: str | os.PathLike
     """
     folder = Path(results) if results is not None else config.results_dir(profile)
     return kts_io.write_json(folder / "metrics" / f"{name}.json", values)
-
-
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=config.project_root(), capture_output=True,
-                             text=True, timeout=10)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def run(profile: str = "paper", seed: int = 0, results: str | os.PathLike | None = None,
@@ -194,7 +184,7 @@ def _collect(results: Path, profile: str, seed: int, timings: dict, wall: float)
         notebook_metrics[path.stem] = json.loads(path.read_text())
     peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     return {
-        "provenance": {"git_commit": _git_commit(), "profile": profile, "seed": seed,
+        "provenance": {"git_commit": config.git_commit(), "profile": profile, "seed": seed,
                        "versions": config.versions(), "wall_s_per_notebook": timings,
                        "wall_s_total": round(sum(timings.values()), 1),
                        "peak_rss_mb_children": round(peak_kib / 1024, 1), "cpu_count": os.cpu_count()},

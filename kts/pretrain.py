@@ -17,13 +17,13 @@ finished chunk. Each chunk restarts Adam's moment estimates; the learning-rate s
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from kts import config as kts_config
 from kts.io import write_json
 
 CORPUS_SEED = 1000
@@ -68,22 +68,6 @@ def corpus_crops(profile_name: str, n_cases: int, seed: int, crop_size: int, cop
     slices = phantom.generate(n_cases=n_cases, seed=seed, difficulty=profile.difficulty)
     images, kidneys, tumors = _slices_to_arrays(slices, profile.image_size)
     return cascade.training_crops(images, kidneys, tumors, crop_size, copies=copies, jitter=jitter, seed=seed)
-
-
-def _git_commit() -> str | None:
-    """HEAD's commit, with ``-dirty`` appended when ``kts/`` has uncommitted changes."""
-    here = Path(__file__).resolve().parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, cwd=here)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", str(here)], capture_output=True, text=True,
-                               timeout=10, cwd=here)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    commit = head.stdout.strip()
-    if not commit:
-        return None
-    changed = [line for line in dirty.stdout.splitlines() if "weights/" not in line]
-    return commit + ("-dirty" if changed else "")
 
 
 def pretrain(profile_name: str, out_dir: str | None = None, steps: int | None = None,
@@ -148,7 +132,8 @@ def pretrain(profile_name: str, out_dir: str | None = None, steps: int | None = 
     ap = metrics.mask_ap(list(held_labels), all_dets)
     provenance = {
         "complete": True, "what": "Mask R-CNN pretrained on synthetic phantom kidney crops (kts.pretrain)",
-        "commit": _git_commit(), "profile": profile_name, "steps": total, "chunk_steps": chunk_steps,
+        "commit": kts_config.git_commit(dirty_of=Path(__file__).resolve().parent), "profile": profile_name,
+        "steps": total, "chunk_steps": chunk_steps,
         "corpus": {"generator": "kts.phantom", "seed": CORPUS_SEED, "n_cases": n_cases, "n_crops": int(len(crops)),
                    "box_jitter_px": jitter, "copies": 2, "difficulty": "paper"},
         "held_out": {"seed": HELD_OUT_SEED, "n_cases": held_out_cases, "n_crops": int(len(held_crops)),

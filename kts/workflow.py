@@ -211,6 +211,23 @@ def compare_tumour_models(models: dict, crops, labels, weightings) -> "Any":
     return pd.DataFrame(rows)
 
 
+def write_tumour_stage_table(comparison, results_dir: str | os.PathLike) -> str:
+    """``tumour_stage.md`` and ``.csv`` from :func:`compare_tumour_models` (undefined values "n/a"); returns the markdown."""
+    from kts import io as kts_io
+    from kts.metrics import format_metric
+
+    keys = ("tumour_dice", "instance_f1", "instance_precision", "instance_recall", "mask_ap")
+    text = kts_io.markdown_table(
+        [[r.model, r.weighting, r.crops, r.tumours, *(format_metric(getattr(r, k)) for k in keys)]
+         for r in comparison.itertuples()],
+        ["model", "MR weighting", "crops", "tumours", "tumour Dice", "instance F1", "precision", "recall", "mask AP"])
+    results_dir = Path(results_dir)
+    kts_io.write_text(results_dir / "tumour_stage.md", text)
+    with kts_io.atomic_path(results_dir / "tumour_stage.csv") as tmp:
+        comparison.to_csv(tmp, index=False)
+    return text
+
+
 def _read_json(path: Path) -> Any:
     import json
 
