@@ -33,8 +33,11 @@ def test_shipped_weights_stay_small():
 @pytest.mark.slow
 def test_shipped_quick_weights_load_and_find_tumours():
     model = pretrain.load_pretrained("quick")
-    crops, labels = pretrain.corpus_crops("quick", 6, pretrain.HELD_OUT_SEED + 7, model.config.crop_size)
-    assert model.evaluate(crops, labels)["recall"] > 0.3
+    # 20 unseen cases (40 crops): 6 cases held too few tumours for a stable recall (0.25 on this
+    # seed against 0.55 on the 60 held-out cases of the provenance; CI failed on it).
+    crops, labels = pretrain.corpus_crops("quick", 20, pretrain.HELD_OUT_SEED + 7, model.config.crop_size)
+    scores = model.evaluate(crops, labels)
+    assert scores["recall"] > 0.3 and scores["dice"] > 0.4, scores
 
 
 def test_corpus_refuses_the_study_seeds():
