@@ -125,6 +125,11 @@ def run(profile: str = "paper", seed: int = 0, results: str | os.PathLike | None
     notebooks = list_notebooks(Path(notebooks) if notebooks is not None else None)
     if only:
         notebooks = [nb for nb in notebooks if any(nb.name.startswith(o) for o in only)]
+    declared = {nb.name: set(pm.inspect_notebook(str(nb))) for nb in notebooks}
+    unknown = sorted(set(params) - set().union(*declared.values()))
+    if unknown:
+        raise ValueError(f"parameter(s) {', '.join(unknown)} are declared by none of "
+                         f"{', '.join(declared)}: check the spelling against their parameters cells")
     sources = _sources_digest()
     timings: dict[str, float] = {}
     upstream = ""
@@ -146,7 +151,8 @@ def run(profile: str = "paper", seed: int = 0, results: str | os.PathLike | None
             t0 = time.perf_counter()
             with kts_io.atomic_path(output) as tmp:
                 try:
-                    execute_notebook(notebook, tmp, params)
+                    # each notebook gets the parameters its own parameters cell declares
+                    execute_notebook(notebook, tmp, {k: v for k, v in params.items() if k in declared[notebook.name]})
                 except pm.PapermillExecutionError as exc:
                     raise NotebookFailed(f"{notebook.name}: cell {exc.exec_count} failed with "
                                          f"{exc.ename}: {exc.evalue}") from None

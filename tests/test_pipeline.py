@@ -144,3 +144,11 @@ def test_unseen_contrast_numbers(metrics):
         assert 0.0 <= r["test_unseen_dice"] <= 1.0 and r["dice_gap"] == pytest.approx(
             r["test_seen_dice"] - r["test_unseen_dice"])
     assert "kidney Dice, unseen" in (RESULTS / "contrasts.md").read_text()
+
+
+def test_a_parameter_no_notebook_declares_is_refused_before_anything_runs(tmp_path):
+    """``kts run -p SEEDZ=1`` (a typo) stops at once; each notebook receives only what it declares."""
+    with pytest.raises(ValueError, match="SEEDZ are declared by none of 01_data_extraction.ipynb"):
+        pipeline.run("quick", results=tmp_path / "r", runs=tmp_path / "runs", work=tmp_path / "w",
+                     data=tmp_path / "d", parameters={"SEEDZ": 1})
+    assert not list((tmp_path / "runs").iterdir())
