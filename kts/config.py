@@ -183,6 +183,12 @@ NOISE_STDERR_LINES = (
     # TF's CUDA probe on a machine without a GPU (an ERROR line that TF_CPP_MIN_LOG_LEVEL=2 keeps):
     # "failed call to cuInit: ... UNKNOWN ERROR (303)" or "... CUDA_ERROR_NO_DEVICE"; kts runs on the CPU
     r"failed call to cuInit",
+    # tf.data graphs written by a newer TF op registry (TF 2.20 with Model Garden's input ops):
+    # "NodeDef mentions attribute use_unbounded_threadpool which is not in the op definition"
+    r"NodeDef mentions attribute use_unbounded_threadpool",
+    # oneDNN's int32 kernels on CPUs without AVX-512: "oneDNN supports DT_INT32 only on platforms
+    # with AVX-512. Falling back to the default Eigen-based implementation"; the results are the same
+    r"oneDNN supports DT_INT32 only on platforms with AVX-512",
 )
 
 

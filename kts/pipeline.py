@@ -152,7 +152,9 @@ def run(profile: str = "paper", seed: int = 0, results: str | os.PathLike | None
             with kts_io.atomic_path(output) as tmp:
                 try:
                     # each notebook gets the parameters its own parameters cell declares
-                    execute_notebook(notebook, tmp, {k: v for k, v in params.items() if k in declared[notebook.name]})
+                    with config.filtered_stderr():  # the kernels' C++ noise (NOISE_STDERR_LINES)
+                        execute_notebook(notebook, tmp, {k: v for k, v in params.items()
+                                                         if k in declared[notebook.name]})
                 except pm.PapermillExecutionError as exc:
                     raise NotebookFailed(f"{notebook.name}: cell {exc.exec_count} failed with "
                                          f"{exc.ename}: {exc.evalue}") from None

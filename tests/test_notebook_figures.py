@@ -220,6 +220,10 @@ def test_stderr_filter_drops_cuinit_and_keeps_other_lines():
         with config.filtered_stderr():
             os.write(2, b"2026-01-01 00:00:00.000001: E external/local_xla/xla/stream_executor/cuda/"
                         b"cuda_platform.cc:51] failed call to cuInit: INTERNAL: CUDA error: UNKNOWN ERROR (303)\\n")
+            os.write(2, b"2026-12-02 12:56:53.983928: E tensorflow/core/framework/node_def_util.cc:680] NodeDef "
+                        b"mentions attribute use_unbounded_threadpool which is not in the op definition\\n")
+            os.write(2, b"2026-12-02 12:55:54.538766: E tensorflow/core/util/util.cc:131] oneDNN supports DT_INT32 "
+                        b"only on platforms with AVX-512. Falling back to the default Eigen-based implementation\\n")
             os.write(2, b"a real error from C++\\n")
         os.write(2, b"after\\n")
         """)
