@@ -12,6 +12,7 @@ MR slices, masks, splits (III.A.2-3, IV)    ``kts.phantom``, ``kts.data``
 Mask R-CNN (III.B)                          ``kts.maskrcnn``
 the cascade of Figure 4                     ``kts.cascade``
 Figures 1, 3, 5, 6                          ``kts.plots``
+one slice through Figure 4, interactively   ``kts.explorer``
 Table I split study                         ``kts.study``
 ==========================================  =====================
 
@@ -36,7 +37,7 @@ _LAZY = {
 }
 _SUBMODULES = {"cascade", "cunet", "data", "fetch", "manifest", "maskrcnn", "masks", "metrics",
                "phantom", "plots", "study", "train", "config", "errors", "io", "pipeline", "bench",
-               "workflow", "cli", "contrasts", "reference", "pretrain"}
+               "workflow", "cli", "contrasts", "reference", "pretrain", "explorer"}
 
 __all__ = ["build_cunet", "TumorMaskRCNN", "print_config", "__version__"]
 
