@@ -99,12 +99,14 @@ def test_no_known_noise_in_outputs_or_console(executed_01):
 
 
 def _explorer_notebook(path: Path) -> None:
-    """Notebook 06's explorer cell, verbatim, on two small synthetic slices instead of trained models."""
+    """Notebook 06's explorer cell, verbatim, on two small synthetic slices and a fake Mask R-CNN."""
     cells = {c.get("id"): c for c in nbformat.read(NOTEBOOKS / "06_explore.ipynb", as_version=4).cells}
     setup, explorer = cells["cell-02"], cells["cell-09"]  # its imports and the explorer
+    assert "Explorer" in explorer.source, "cell-09 is no longer notebook 06's explorer: update this test"
     fake = textwrap.dedent("""\
         import types
         import numpy as np
+        import pandas as pd
 
         class Slices:
             def __init__(self, **arrays):
@@ -113,14 +115,24 @@ def _explorer_notebook(path: Path) -> None:
             def __len__(self):
                 return len(self.images)
 
+        class FakeMaskRCNN:
+            config = types.SimpleNamespace(crop_size=16)
+            score_threshold = 0.5
+
+            def predict(self, crops, score_threshold=None):
+                masks = np.zeros((1, 16, 16), bool)
+                masks[0, 6:10, 6:10] = True
+                return [{"masks": masks, "scores": np.array([0.9])} for _ in crops]
+
         yy, xx = np.mgrid[:64, :64]
         kidney = (yy - 32) ** 2 + (xx - 32) ** 2 < 15 ** 2
         tumour = ((yy - 28) ** 2 + (xx - 36) ** 2 < 5 ** 2).astype(np.int32)
         test = Slices(images=np.stack([xx * 4.0, yy * 4.0]), kidney_masks=np.stack([kidney, kidney]),
-                      tumor_labels=np.stack([tumour, tumour]))
+                      tumor_labels=np.stack([tumour, tumour]),
+                      index=pd.DataFrame({"case_id": ["case-a", "case-b"], "weighting": ["t2", "t1_post"]}))
         probabilities = np.stack([kidney * 0.8, kidney * 0.6])
-        result = types.SimpleNamespace(tumor_labels=test.tumor_labels)
-        THRESHOLD = 0.5
+        tumour_model = FakeMaskRCNN()
+        THRESHOLD, SLICE = 0.5, 0
         """)
     notebook = nbformat.v4.new_notebook()
     notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
@@ -131,7 +143,7 @@ def _explorer_notebook(path: Path) -> None:
 
 @pytest.mark.parametrize("backend", ["Agg", None], ids=["kts-run-Agg", "jupyterlab-inline"])
 def test_explorer_figure_shows_inside_its_output_widget(tmp_path, monkeypatch, backend):
-    """ipywidgets.interactive captures ``display(fig)`` in an Output widget: the PNG must be there, once,
+    """The explorer shows its picture with ``display(fig)`` in an Output widget: the PNG must be there, once,
     under ``kts run``'s Agg and under the inline backend a JupyterLab kernel starts with (there ipywidgets
     loads matplotlib_inline, which installs its own figure formatter)."""
     for key, value in pipeline.KERNEL_ENV.items():
