@@ -288,16 +288,15 @@ def view_figure(image, kidney_gt, tumour_gt, kidney_pred, tumour_pred, *, layers
 
 # ----------------------------------------------------------------------------- the text beside it
 
-def _fmt(value) -> str:
-    return metrics.format_metric(value)
-
-
 def scores_html(scores: dict, *, case: str = "", threshold: float | None = None,
                 score_threshold: float | None = None, layers=None) -> str:
     """The scores beside the picture, as HTML: the case, then the scores of the switched-on predictions.
 
     Each score sits in an element of class ``kts-<name>`` (``kts-kidney-iou``, ``kts-tumour-dice``, ...)."""
     layers = _layers(layers)
+
+    def section(head):
+        return f"<tr><th colspan=2 style='text-align:left;padding-top:.5em'>{head}</th></tr>"
 
     def row(name, label, value):
         return (f"<tr><td>{html.escape(label)}</td>"
@@ -309,16 +308,16 @@ def scores_html(scores: dict, *, case: str = "", threshold: float | None = None,
     parts.append("<table>")
     if layers["cunet"]:
         head = "CU-Net kidney" + (f" (threshold {threshold:.2f})" if threshold is not None else "")
-        parts.append(f"<tr><th colspan=2 style='text-align:left;padding-top:.5em'>{html.escape(head)}</th></tr>")
-        parts.append(row("kidney-iou", "kidney IoU", _fmt(scores["kidney_iou"])))
-        parts.append(row("kidney-dice", "kidney Dice", _fmt(scores["kidney_dice"])))
+        parts.append(section(html.escape(head)))
+        parts.append(row("kidney-iou", "kidney IoU", metrics.format_metric(scores["kidney_iou"])))
+        parts.append(row("kidney-dice", "kidney Dice", metrics.format_metric(scores["kidney_dice"])))
         parts.append(row("kidney-pixels", "pixels correct / false alarm / missed",
                          f"{scores['kidney_tp']} / {scores['kidney_fp']} / {scores['kidney_fn']}"))
     if layers["maskrcnn"]:
         head = "Mask R-CNN tumours" + (f" (score &ge; {score_threshold:.2f})" if score_threshold is not None else "")
-        parts.append(f"<tr><th colspan=2 style='text-align:left;padding-top:.5em'>{head}</th></tr>")
-        parts.append(row("tumour-dice", "tumour Dice", _fmt(scores["tumour_dice"])))
-        parts.append(row("tumour-iou", "tumour IoU", _fmt(scores["tumour_iou"])))
+        parts.append(section(head))
+        parts.append(row("tumour-dice", "tumour Dice", metrics.format_metric(scores["tumour_dice"])))
+        parts.append(row("tumour-iou", "tumour IoU", metrics.format_metric(scores["tumour_iou"])))
         parts.append(row("tumours-found", "true tumours found",
                          f"{scores['instance_tp']} of {scores['n_gt']}"))
         parts.append(row("false-alarms", "false alarms", str(scores["instance_fp"])))
@@ -341,7 +340,7 @@ def instances_html(rows: Sequence[dict]) -> str:
         score = "" if r["score"] is None else f"{r['score']:.2f}"
         true = "-" if r["true"] is None else f"{r['true']}"
         body.append(f"<tr class='kts-instance'><td>{predicted}</td><td>{score}</td><td>{true}</td>"
-                    f"<td>{_fmt(r['iou'])}</td><td>{html.escape(r['outcome'])}</td></tr>")
+                    f"<td>{metrics.format_metric(r['iou'])}</td><td>{html.escape(r['outcome'])}</td></tr>")
     return ("<div class='kts-instances' style='font-size:13px'><b>Tumour instances</b> "
             f"(found = IoU &ge; {IOU_MATCH:g} with a true tumour)"
             "<table><tr><th>Mask R-CNN #</th><th>score</th><th>true #</th><th>IoU</th><th></th></tr>"
@@ -369,8 +368,8 @@ def threshold_grid(image, kidney_gt, tumour_gt, kidney_probability, maskrcnn,
         sc = slice_scores(res.kidney_pred, kidney_gt, res.tumour_pred, tumour_gt)
         handles = draw_slice(ax, image, kidney_gt, tumour_gt, res.kidney_pred, res.tumour_pred, layers=layers,
                              mode=mode, regions=res.regions)
-        ax.set_title(f"CU-Net threshold {t:.2f}\nkidney IoU {_fmt(sc['kidney_iou'])}, "
-                     f"tumour Dice {_fmt(sc['tumour_dice'])}", fontsize=9)
+        ax.set_title(f"CU-Net threshold {t:.2f}\nkidney IoU {metrics.format_metric(sc['kidney_iou'])}, "
+                     f"tumour Dice {metrics.format_metric(sc['tumour_dice'])}", fontsize=9)
     if case:
         fig.suptitle(case, fontsize=10)
     if handles:

@@ -305,48 +305,6 @@ def crop_grid(crops, label_maps, *, columns: int = 4, panel_size: float = 1.8) -
     return fig
 
 
-def explorer_view(image, kidney_gt, tumour_gt, kidney_probability, tumour_pred, *, threshold: float = 0.5,
-                  show_image: bool = True, show_ground_truth: bool = True, show_cunet: bool = True,
-                  show_maskrcnn: bool = True, panel_size: float = 5.0) -> tuple[Figure, dict]:
-    """One slice with toggled overlays, and the kidney IoU/Dice at ``threshold`` (notebook 06's explorer).
-
-    The scores are those of this slice; a value with nothing predicted and nothing to find
-    (e.g. tumour Dice on a tumour-free slice left empty) is NaN, shown "n/a" (errata E37).
-
-    Ground truth: kidney in green contour, tumours in red; CU-Net: the thresholded kidney mask
-    in blue; Mask R-CNN: tumour instances in orange.
-    """
-    from kts import metrics
-
-    if not 0.0 < float(threshold) < 1.0:
-        raise ValueError(f"threshold must be between 0 and 1, got {threshold!r}")
-    kidney_pred = np.asarray(kidney_probability) >= threshold
-    scores = {"kidney_iou": metrics.iou(kidney_pred, kidney_gt), "kidney_dice": metrics.dice(kidney_pred, kidney_gt),
-              "tumour_dice": metrics.dice(np.asarray(tumour_pred) > 0, np.asarray(tumour_gt) > 0)}
-    fig = Figure(figsize=(panel_size, panel_size), layout="constrained")
-    ax = fig.subplots()
-    ax.set_axis_off()
-    if show_image:
-        _show_image(ax, np.asarray(image))
-    else:
-        ax.imshow(np.zeros(np.shape(image)), cmap="gray", vmin=0, vmax=1)
-    if show_cunet:
-        overlay = np.zeros(kidney_pred.shape + (4,))
-        overlay[kidney_pred] = (0.2, 0.4, 1.0, 0.35)
-        ax.imshow(overlay, interpolation="nearest")
-    if show_maskrcnn:
-        overlay = np.zeros(kidney_pred.shape + (4,))
-        overlay[np.asarray(tumour_pred) > 0] = (1.0, 0.6, 0.0, 0.6)
-        ax.imshow(overlay, interpolation="nearest")
-    if show_ground_truth:
-        if np.any(kidney_gt):
-            ax.contour(np.asarray(kidney_gt) > 0, levels=[0.5], colors="lime", linewidths=1.0)
-        _outline_tumors(ax, np.asarray(tumour_gt))
-    ax.set_title(f"threshold {threshold:.2f}: kidney IoU {metrics.format_metric(scores['kidney_iou'])}, "
-                 f"Dice {metrics.format_metric(scores['kidney_dice'])}", fontsize=9)
-    return fig, scores
-
-
 def contrasts_figure(images: Sequence[np.ndarray], kidney_masks: Sequence[np.ndarray], titles: Sequence[str], *,
                      panel_size: float = 3.0) -> Figure:
     """One slice per MR weighting, kidney ground truth outlined (section III.A: intensity varies by scanner)."""

@@ -19,14 +19,16 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from kts import config, pipeline, plots
+from kts import config, explorer, pipeline, plots
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
-# every kts.plots function that returns a figure (Figure or (Figure, scores))
-FIGURE_FUNCTIONS = sorted(name for name, f in inspect.getmembers(plots, inspect.isfunction)
-                          if f.__module__ == plots.__name__ and "Figure" in str(inspect.signature(f).return_annotation))
-FIGURE_CALL = re.compile(r"\bplots\.(%s)\(" % "|".join(FIGURE_FUNCTIONS))
+# every kts.plots / kts.explorer function that returns a figure (Figure or (Figure, scores)), as "module.name"
+FIGURE_FUNCTIONS = sorted(f"{module.__name__.split('.')[-1]}.{name}" for module in (plots, explorer)
+                          for name, f in inspect.getmembers(module, inspect.isfunction)
+                          if f.__module__ == module.__name__
+                          and "Figure" in str(inspect.signature(f).return_annotation))
+FIGURE_CALL = re.compile(r"\b(%s)\(" % "|".join(re.escape(name) for name in FIGURE_FUNCTIONS))
 # console and output lines that must not appear (the noise kts filters)
 NOISE = re.compile(r"cuInit|Kernel is running over TCP|Input dict contained keys|oneDNN custom operations"
                    r"|cpu_feature_guard|^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+: [IWE] ", re.M)
@@ -53,7 +55,8 @@ def _png_width(png: bytes) -> int:
 
 
 def test_figure_functions_are_found():
-    assert {"figure1", "figure3", "figure5", "figure6", "explorer_view"} <= set(FIGURE_FUNCTIONS)
+    assert {"plots.figure1", "plots.figure3", "plots.figure5", "plots.figure6",
+            "explorer.view_figure", "explorer.threshold_grid"} <= set(FIGURE_FUNCTIONS)
 
 
 @pytest.fixture(scope="module")
