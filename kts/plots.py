@@ -231,7 +231,7 @@ def figure5(images, kidney_gt, kidney_pred, tumor_pred, *, tumor_gt=None, titles
             panel_size: float = 2.6) -> Figure:
     """Figure 5's layout, one row per slice: input MR, ground-truth mask, the CU-Net kidney segment
     (the image inside the predicted kidney mask) and the Mask R-CNN tumour lineation (instances in
-    colour, ground-truth tumours outlined in red when ``tumor_gt`` is given)."""
+    colour, ground-truth tumours outlined in red when ``tumor_gt`` is given), a legend saying which is which."""
     images = np.asarray(images)
     n = len(images)
     if n == 0:
@@ -267,6 +267,13 @@ def figure5(images, kidney_gt, kidney_pred, tumor_pred, *, tumor_gt=None, titles
             _outline_tumors(axes[row, 3], np.asarray(tumor_gt[row]))
         if titles is not None:
             axes[row, 0].set_ylabel(titles[row], fontsize=8)
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    handles = [Patch(facecolor=cmap(0)[:3], alpha=0.55, label="Mask R-CNN tumour (fill; one colour per instance)")]
+    if tumor_gt is not None:
+        handles.append(Line2D([], [], color=TUMOR_COLOR, lw=1.0, label="ground-truth tumour (outline)"))
+    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=8, frameon=False)
     return fig
 
 

@@ -338,9 +338,12 @@ def real_data_source(name: str, limit: int = 2, dest: str | os.PathLike | None =
     """Where real series for ``DATA = name`` are (fetching them when online), or ``None`` for the phantom.
 
     Real data need the internet (TCIA or IDC) and, for TCGA-KIRC, your own kidney masks: the
-    paper's were never published. Without network this explains what to do and returns
-    ``None``, so the notebook falls back to the offline phantom.
+    paper's were never published (README, "Real data"). When the series cannot be fetched, or
+    were fetched but carry no masks yet, this says so in a ``UserWarning`` naming the folder
+    and what to do, and returns ``None``: the notebook then runs on the offline phantom.
     """
+    import warnings
+
     from kts import fetch, manifest
 
     sources = ("phantom", "tcga-kirc", "cptac-ccrcc")
@@ -353,15 +356,21 @@ def real_data_source(name: str, limit: int = 2, dest: str | os.PathLike | None =
     if name == "cptac-ccrcc":
         rows = rows[rows["modality"] == "MR"]
     dest = Path(dest) if dest is not None else kts_config.data_dir() / name
+    howto = (f"To use real data: run `kts fetch --manifest data_manifest.csv --only-source {name} --dest "
+             f"data/{dest.name}` on a machine with internet, put kidney masks as "
+             "<case>/masks/<SOPInstanceUID>_kidney.png (and _tumor.png) beside each <case>/dicom folder, or "
+             "import NIfTI, DICOM-SEG or RTSTRUCT with kts.masks (README, section \"Real data\"), and run again.")
     try:
         fetch.fetch(rows.head(limit), dest, timeout=20, retries=1, progress=False)
     except Exception as exc:  # no network here is the common case, not an error of the user's
-        print(f"Could not fetch {name} series ({type(exc).__name__}: {str(exc)[:200]}).\n"
-              f"To use real data: run `kts fetch --manifest data_manifest.csv --only-source {name} --dest {dest}` "
-              "on a machine with internet, put kidney masks as <case>/masks/<SOPInstanceUID>_kidney.png beside "
-              "each <case>/dicom folder (or import NIfTI, DICOM-SEG or RTSTRUCT with kts.masks), and set DATA again.\n"
-              "Falling back to the phantom.")
+        warnings.warn(f"DATA={name!r}: could not fetch its series ({type(exc).__name__}: {str(exc)[:200]}). "
+                      f"{howto} THIS RUN USES THE PHANTOM INSTEAD.", UserWarning, stacklevel=2)
         return None
-    print(f"Fetched {len(rows.head(limit))} {name} series into {dest.name}/; pair masks as described in "
-          "notebooks/README.md before building the dataset.")
-    return None if not any(dest.glob("*/masks")) else dest
+    if not any(dest.glob("*/masks")):
+        warnings.warn(f"DATA={name!r}: the series are in {dest.name}/ but no case has a masks/ folder, so "
+                      f"there is nothing to train or score against. {howto} THIS RUN USES THE PHANTOM INSTEAD.",
+                      UserWarning, stacklevel=2)
+        return None
+    print(f"Using {name} series with masks from {dest.name}/")
+    return dest
+

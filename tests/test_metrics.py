@@ -269,6 +269,24 @@ def test_table1_with_one_seed_prints_no_spread():
     assert math.isnan(two.loc[0, "instance_precision_mean"])  # undefined in every seed: undefined
 
 
+def test_table1_frames_its_columns_and_test_set_sizes():
+    """Issue 13: our IoU is labelled the kidney stage's, tumour IoU and accuracy inside the kidney stand
+    beside the paper's columns, and the note says the test sets differ per row."""
+    from kts import study
+
+    runs = pd.concat([_runs([(0, 0.8)]), _runs([(0, 0.5)]).assign(partition="TD-60% VD-20%", n_test_slices=5)])
+    runs["tumour_iou"] = [0.61, 0.42]
+    table = study.summarise(runs)
+    text = study.to_markdown(table)
+    header = text.splitlines()[0]
+    for column in ("our IoU (kidney stage)", "our IoU (tumour)", "our accuracy (inside the kidney)"):
+        assert column in header
+    assert "0.610 ± n/a" in text and "0.420 ± n/a" in text
+    note = study.table1_note(table)
+    assert "5-7 slices, different in each row" in note and "not directly comparable" in note
+    assert "every spread reads n/a" in note
+
+
 def test_study_rescores_a_record_scored_under_an_older_rule(tmp_path, monkeypatch):
     """A metrics.json of the old rule must not be reused as it is (its precision 1.0 would survive)."""
     from kts import data, study, workflow
