@@ -1,4 +1,4 @@
-"""The ``kts`` command: ``kts run`` (the notebooks), ``kts fetch`` (real data), ``kts manifest``, ``kts bench``, ``kts pretrain``."""
+"""The ``kts`` command: ``kts run`` (the notebooks), ``kts fetch`` (real data), ``kts manifest``, ``kts bench``, ``kts pretrain``, ``kts students``."""
 from __future__ import annotations
 
 import sys
@@ -12,9 +12,10 @@ def main(argv: list[str] | None = None) -> int:
         "manifest": ("kts.manifest", "build, check or review data_manifest.csv"),
         "bench": ("kts.bench", "measure speed against this machine's ceiling"),
         "pretrain": ("kts.pretrain", "pretrain the tumour stage's Mask R-CNN on a synthetic corpus"),
+        "students": ("kts.teaching", "write student copies of the notebooks, without solutions"),
     }
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
-        print("usage: kts {run,fetch,manifest,bench,pretrain} [options]\n")
+        print("usage: kts {run,fetch,manifest,bench,pretrain,students} [options]\n")
         for name, (_, text) in commands.items():
             print(f"  {name:<9} {text}")
         return 0 if argv and argv[0] in ("-h", "--help") else 2

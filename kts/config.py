@@ -105,11 +105,16 @@ def check_parameters(values: dict[str, Any], expected: dict[str, type | tuple[ty
 
 def project_root() -> Path:
     """The kts checkout the user works in: the nearest folder above the working directory that
-    holds ``pyproject.toml`` and ``kts/`` (notebooks run from ``notebooks/``), else the working directory."""
+    holds ``pyproject.toml`` and ``kts/`` (notebooks run from ``notebooks/``); else the checkout
+    this package was installed from in editable mode (student copies written outside it, Colab);
+    else the working directory."""
     here = Path.cwd().resolve()
     for folder in (here, *here.parents):
         if (folder / "pyproject.toml").is_file() and (folder / "kts").is_dir():
             return folder
+    installed_from = Path(__file__).resolve().parent.parent
+    if (installed_from / "pyproject.toml").is_file() and (installed_from / "data_manifest.csv").is_file():
+        return installed_from
     return here
 
 
