@@ -119,8 +119,6 @@ def run(profile: str = "paper", seed: int = 0, results: str | os.PathLike | None
             raise OSError(f"{folder}: cannot create output folder ({exc.strerror or exc})") from exc
     env = {config.PROFILE_ENV: profile, config.RESULTS_ENV: str(results.resolve()),
            config.WORK_ENV: str(work.resolve()), config.DATA_ENV: str(data.resolve()), **KERNEL_ENV}
-    saved_env = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     params = {"PROFILE": profile, "SEED": seed, **(parameters or {})}
     notebooks = list_notebooks(Path(notebooks) if notebooks is not None else None)
     if only:
@@ -134,7 +132,11 @@ def run(profile: str = "paper", seed: int = 0, results: str | os.PathLike | None
     timings: dict[str, float] = {}
     upstream = ""
     started = time.perf_counter()
+    # the kernels inherit these; restored in `finally` whatever happens, so a failed or refused run
+    # never leaves a caller (the test session, a notebook) pointed at its folders
+    saved_env = {k: os.environ.get(k) for k in env}
     try:
+        os.environ.update(env)
         for i, notebook in enumerate(notebooks, start=1):
             output = runs / notebook.name
             stamp_path = runs / (notebook.stem + STAMP_SUFFIX)

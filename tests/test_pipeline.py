@@ -147,8 +147,12 @@ def test_unseen_contrast_numbers(metrics):
 
 
 def test_a_parameter_no_notebook_declares_is_refused_before_anything_runs(tmp_path):
-    """``kts run -p SEEDZ=1`` (a typo) stops at once; each notebook receives only what it declares."""
+    """``kts run -p SEEDZ=1`` (a typo) stops at once; each notebook receives only what it declares.
+    The refused run leaves the caller's environment as it found it (it once left KTS_WORK_DIR pointing
+    at this test's folder, so every later notebook run in the session trained its models afresh)."""
+    before = {k: os.environ.get(k) for k in (config.WORK_ENV, config.RESULTS_ENV, config.DATA_ENV, config.PROFILE_ENV)}
     with pytest.raises(ValueError, match="SEEDZ are declared by none of 01_data_extraction.ipynb"):
         pipeline.run("quick", results=tmp_path / "r", runs=tmp_path / "runs", work=tmp_path / "w",
                      data=tmp_path / "d", parameters={"SEEDZ": 1})
     assert not list((tmp_path / "runs").iterdir())
+    assert {k: os.environ.get(k) for k in before} == before
