@@ -1,4 +1,4 @@
-"""The ``kts`` command: ``kts run`` (the notebooks), ``kts fetch`` (real data), ``kts manifest``, ``kts bench``, ``kts pretrain``, ``kts students``."""
+"""The ``kts`` command: ``kts run`` (the notebooks), ``kts fetch`` (real data), ``kts manifest``, ``kts bench``, ``kts pretrain``, ``kts students``, ``kts publish``."""
 from __future__ import annotations
 
 import sys
@@ -13,9 +13,10 @@ def main(argv: list[str] | None = None) -> int:
         "bench": ("kts.bench", "measure speed against this machine's ceiling"),
         "pretrain": ("kts.pretrain", "pretrain the tumour stage's Mask R-CNN on a synthetic corpus"),
         "students": ("kts.teaching", "write student copies of the notebooks, without solutions"),
+        "publish": ("kts.publish", "make a run's executed notebooks readable on the forge (docs/executed)"),
     }
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
-        print("usage: kts {run,fetch,manifest,bench,pretrain,students} [options]\n")
+        print("usage: kts {run,fetch,manifest,bench,pretrain,students,publish} [options]\n")
         for name, (_, text) in commands.items():
             print(f"  {name:<9} {text}")
         return 0 if argv and argv[0] in ("-h", "--help") else 2

@@ -271,6 +271,7 @@ def train_cunet(train: tuple, validation: tuple | None, out_dir: str | os.PathLi
     model.fit(dataset, validation_data=(val_x, val_y), validation_batch_size=config.batch_size,
               epochs=config.epochs, initial_epoch=first_epoch,
               steps_per_epoch=steps_per_epoch(len(images), config.batch_size),
+              shuffle=False,  # make_dataset shuffles (statelessly, per epoch); Keras warns on shuffle=True
               callbacks=callbacks, verbose=verbose)
     return _finish(out_dir, checkpoint_cb.rows, checkpoint_cb.stopped)
 
