@@ -6,8 +6,6 @@ type. ``kts.plots`` does so on import in an IPython kernel; these tests hold it 
 executed notebook (``kts run``'s own way), in a bare IPython shell, and inside notebook 06's
 explorer widget, and check the noise filters of ``kts.config``.
 """
-import base64
-import inspect
 import os
 import re
 import subprocess
@@ -19,16 +17,11 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from kts import config, explorer, pipeline, plots
+from kts import config, explorer, pipeline, publish
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
-# every kts.plots / kts.explorer function that returns a figure (Figure or (Figure, scores)), as "module.name"
-FIGURE_FUNCTIONS = sorted(f"{module.__name__.split('.')[-1]}.{name}" for module in (plots, explorer)
-                          for name, f in inspect.getmembers(module, inspect.isfunction)
-                          if f.__module__ == module.__name__
-                          and "Figure" in str(inspect.signature(f).return_annotation))
-FIGURE_CALL = re.compile(r"\b(%s)\(" % "|".join(re.escape(name) for name in FIGURE_FUNCTIONS))
+FIGURE_FUNCTIONS = publish.figure_functions()  # every kts.plots / kts.explorer function that returns a figure
 # console and output lines that must not appear (the noise kts filters)
 NOISE = re.compile(r"cuInit|Kernel is running over TCP|Input dict contained keys|oneDNN custom operations"
                    r"|cpu_feature_guard|^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+: [IWE] ", re.M)
@@ -42,16 +35,11 @@ def _figure_texts(cell):
 
 
 def _draws_figure(cell) -> bool:
-    return cell.cell_type == "code" and bool(FIGURE_CALL.search(cell.source) or any(_figure_texts(cell)))
+    return publish.draws_figure(cell, FIGURE_FUNCTIONS)
 
 
 def _pngs(outputs):
-    return [base64.b64decode(out["data"]["image/png"]) for out in outputs if "image/png" in out.get("data", {})]
-
-
-def _png_width(png: bytes) -> int:
-    assert png[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
-    return int.from_bytes(png[16:20], "big")
+    return publish.pngs({"outputs": outputs})
 
 
 def test_figure_functions_are_found():
@@ -82,7 +70,7 @@ def test_every_figure_cell_of_notebook_01_shows_one_png(executed_01):
         pngs = _pngs(cell.outputs)
         assert len(pngs) == 1, f"cell {cell.get('id')} should show its figure once as image/png, has {len(pngs)}: " \
                                f"{[list(o.get('data', {})) for o in cell.outputs]}"
-        assert 200 < _png_width(pngs[0]) <= 1100, "inline figures are PNGs at a modest dpi"
+        assert 200 < publish.png_width(pngs[0]) <= 1100, "inline figures are PNGs at a modest dpi"
 
 
 def test_no_figure_is_only_text(executed_01):
