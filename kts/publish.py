@@ -58,12 +58,11 @@ def png_width(png: bytes) -> int:
     return int.from_bytes(png[16:20], "big")
 
 
-def machine_paths(extra: Iterable[str | os.PathLike] = ()) -> list[tuple[str, str]]:
+def machine_paths() -> list[tuple[str, str]]:
     """(path, placeholder) pairs, longest path first: the checkout, kts's folders, temp and home."""
     from kts import config
 
-    pairs = [(str(Path(p).resolve()), "<kts>") for p in extra]
-    pairs.append((str(config.project_root()), "<kts>"))
+    pairs = [(str(config.project_root()), "<kts>")]
     for env in (config.DATA_ENV, config.WORK_ENV, config.RESULTS_ENV):
         if os.environ.get(env):
             pairs.append((str(Path(os.environ[env]).resolve()), f"<{env}>"))
@@ -99,8 +98,9 @@ def publish_notebook(notebook, name: str, paths: list[tuple[str, str]], forbidde
     notebook = copy.deepcopy(notebook)
     papermill = notebook.metadata.get("papermill", {})
     notebook.metadata.pop("widgets", None)  # widget state: the forge refuses to render notebooks with it
+    duration_s = float(papermill.get("duration") or papermill.get("duration_s") or 0.0)
     notebook.metadata["papermill"] = {"parameters": papermill.get("parameters", {}),
-                                      "duration_s": round(float(papermill.get("duration") or papermill.get("duration_s") or 0.0), 1)}
+                                      "duration_s": round(duration_s, 1)}
     if papermill.get("exception"):
         raise ValueError(f"{name}: the executed copy records an exception; re-run it before publishing")
     for number, cell in enumerate(notebook.cells):
@@ -148,7 +148,7 @@ def publish_notebook(notebook, name: str, paths: list[tuple[str, str]], forbidde
     return notebook
 
 
-def summary(notebook, figure_names: Iterable[str] | None = None) -> dict:
+def summary(notebook) -> dict:
     """Figures (image/png outputs) and tables (text/html or markdown tables) a copy shows."""
     figures = sum(len(pngs(cell)) for cell in notebook.cells if cell.cell_type == "code")
     tables = sum(1 for cell in notebook.cells if cell.cell_type == "code" for out in cell.outputs
@@ -170,7 +170,7 @@ def publish(runs: str | os.PathLike, dest: str | os.PathLike, profile: str = "pa
     from kts import pipeline
 
     runs, dest = Path(runs), Path(dest)
-    paths, names, forbidden = machine_paths([runs.parent]), figure_functions(), list(forbidden)
+    paths, names, forbidden = machine_paths(), figure_functions(), list(forbidden)
     published, rows, parameters = {}, [], None
     for source in pipeline.list_notebooks():
         executed = runs / source.name
@@ -189,7 +189,7 @@ def publish(runs: str | os.PathLike, dest: str | os.PathLike, profile: str = "pa
                              f"{parameters.get('SEED')}")
         parameters = {**(parameters or {}), **params}
         published[source.name] = copy
-        rows.append((source.name, summary(copy, names)))
+        rows.append((source.name, summary(copy)))
     dest.mkdir(parents=True, exist_ok=True)
     written = []
     for name, copy in published.items():

@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import numpy as np
 import pytest
@@ -34,7 +35,11 @@ def data():
 
 def test_training_drives_loss_down_and_iou_up(data, tmp_path):
     (x, y), (vx, vy) = data
-    result = train.train_cunet((x, y), (vx, vy), tmp_path, model_kwargs=dict(z=4), config=QUICK, seed=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = train.train_cunet((x, y), (vx, vy), tmp_path, model_kwargs=dict(z=4), config=QUICK, seed=3)
+    # Keras's "shuffle=True was passed, but will be ignored" once reached every executed notebook
+    assert not [w for w in caught if "shuffle" in str(w.message)], [str(w.message) for w in caught]
     h = result.history
     assert len(h) == QUICK.epochs
     assert h["loss"].iloc[-1] < 0.7 * h["loss"].iloc[0]
