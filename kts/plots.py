@@ -115,10 +115,18 @@ def _display_range(image: np.ndarray) -> tuple[float, float]:
     return float(lo), float(max(hi, lo + 1e-6))
 
 
-def _show_image(ax, image: np.ndarray) -> None:
+def _show_image(ax, image: np.ndarray, keep_labels: bool = False) -> None:
+    """Grey-scale display at robust percentiles; no ticks or frame. ``keep_labels`` keeps the axis on
+    (ticks and spines hidden) so that a y-label (a row title) still shows: ``set_axis_off`` hides it."""
     lo, hi = _display_range(image)
     ax.imshow(image, cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
-    ax.set_axis_off()
+    if not keep_labels:
+        ax.set_axis_off()
+        return
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_visible(False)
 
 
 def _outline_tumors(ax, tumor_labels: np.ndarray, linewidth: float = 1.0) -> None:
@@ -252,10 +260,9 @@ def figure5(images, kidney_gt, kidney_pred, tumor_pred, *, tumor_gt=None, titles
         for col, ax in enumerate(axes[row]):
             if col == 1:
                 ax.imshow(panels[col], cmap="gray", interpolation="nearest")
+                ax.set_axis_off()
             else:
-                _show_image(ax, panels[col])
-            ax.set_xticks([])
-            ax.set_yticks([])
+                _show_image(ax, panels[col], keep_labels=col == 0)  # column 0 carries the row's title
             if row == 0:
                 ax.set_title(headers[col], fontsize=9)
         labels = np.asarray(tumor_pred[row])
