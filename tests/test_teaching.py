@@ -83,4 +83,9 @@ def test_glossary_lab_plan_binder_and_colab_files():
     assert "pip install" in post_build and "-e ." in post_build and os.access(ROOT / "binder" / "postBuild", os.X_OK)
     readme = (ROOT / "README.md").read_text()
     assert "mybinder.org/v2/gh/" in readme and "colab.research.google.com/github/" in readme
-    assert "pip install" in (ROOT / "docs" / "teaching.md").read_text()
+    assert "mybinder.org/badge_logo.svg" in readme and "colab-badge.svg" in readme
+    colab = plan.split("## Colab", 1)[1]
+    # a checkout (the notebooks need data_manifest.csv and a results/ folder), installed editable
+    assert "git clone" in colab and "pip install --quiet -e /content/kts" in colab
+    # the profile is chosen after the restart that would clear it
+    assert colab.index("Restart session") < colab.index('os.environ["KTS_PROFILE"] = "quick"')
