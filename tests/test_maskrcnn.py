@@ -65,6 +65,26 @@ def test_recipe_fields_reach_the_model_garden_config():
     assert task.train_data.parser.rpn_match_threshold == 0.5
     assert task.model.roi_sampler.foreground_fraction == 0.5
     assert task.losses.mask_weight == 2.0
+    for profile in (MaskRCNNConfig.quick(), MaskRCNNConfig.paper()):  # issue 12: weight decay and scale jitter
+        task = TumorMaskRCNN(profile).task_config()
+        assert task.losses.l2_weight_decay == profile.weight_decay > 0
+        assert (task.train_data.parser.aug_scale_min, task.train_data.parser.aug_scale_max) == profile.scale_jitter
+        assert profile.scale_jitter[0] < 1 < profile.scale_jitter[1]
+
+
+def test_learning_rate_warms_up_then_decays_on_a_cosine():
+    from kts.maskrcnn import _WarmupSchedule
+
+    schedule = _WarmupSchedule(0.01, warmup_steps=10, total_steps=110, kind="cosine")
+    rate = {step: float(schedule(step)) for step in (0, 4, 9, 60, 109)}
+    assert rate[0] == pytest.approx(0.001) and rate[4] == pytest.approx(0.005)  # linear warm-up
+    assert rate[9] == pytest.approx(0.01, rel=1e-3)                              # the full rate after it
+    assert rate[60] == pytest.approx(0.005, rel=1e-3)                            # half way down the cosine
+    assert rate[109] < 1e-5                                                      # to zero at the end
+    resumed = _WarmupSchedule(0.01, warmup_steps=10, total_steps=110, kind="cosine", offset=50)
+    assert float(resumed(10)) == pytest.approx(rate[60], rel=1e-6)  # a resumed chunk continues the curve
+    flat = _WarmupSchedule(0.01, warmup_steps=0, kind="constant")
+    assert float(flat(0)) == float(flat(1000)) == pytest.approx(0.01)
 
 
 def test_dihedral_copies_are_the_eight_symmetries():
