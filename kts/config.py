@@ -194,6 +194,10 @@ NOISE_STDERR_LINES = (
     # oneDNN's int32 kernels on CPUs without AVX-512: "oneDNN supports DT_INT32 only on platforms
     # with AVX-512. Falling back to the default Eigen-based implementation"; the results are the same
     r"oneDNN supports DT_INT32 only on platforms with AVX-512",
+    # Grappler's cost model has no estimate for Model Garden's CropAndResize with unknown batch sizes
+    # ("op_level_cost_estimator.cc:699] Error in PredictCost() for the op: op: \"CropAndResize\" ..."):
+    # a W line about graph optimisation costs, printed during the split study; the results are the same
+    r"Error in PredictCost\(\) for the op",
 )
 
 

@@ -227,6 +227,8 @@ def test_stderr_filter_drops_cuinit_and_keeps_other_lines():
                         b"mentions attribute use_unbounded_threadpool which is not in the op definition\\n")
             os.write(2, b"2026-12-02 12:55:54.538766: E tensorflow/core/util/util.cc:131] oneDNN supports DT_INT32 "
                         b"only on platforms with AVX-512. Falling back to the default Eigen-based implementation\\n")
+            os.write(2, b"W0000 00:00:1796298664.520671   12535 op_level_cost_estimator.cc:699] Error in "
+                        b"PredictCost() for the op: op: \\"CropAndResize\\" attr { key: \\"T\\" }\\n")
             os.write(2, b"a real error from C++\\n")
         os.write(2, b"after\\n")
         """)
