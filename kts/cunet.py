@@ -112,10 +112,9 @@ def build_cunet(
             f"resize to e.g. {(height // factor_h + 1) * factor_h}x{(width // factor_w + 1) * factor_w}")
     if not 0.0 <= float(f_rate) < 1.0:
         raise ValueError(f"f_rate (dropout rate) must be in [0, 1), got {f_rate!r}")
-    if p not in ("same", "valid"):
-        raise ValueError(f"p (padding) must be 'same' or 'valid', got {p!r}")
-    if p == "valid":
-        raise ValueError("p='valid' shrinks each convolution so skip connections no longer align; use p='same'")
+    if p != "same":
+        raise ValueError(f"p (padding) must be 'same', got {p!r}: 'valid' shrinks each convolution so the "
+                         "skip connections of Algorithm 1 no longer align")
     if not 0.0 < float(batch_norm_momentum) < 1.0:
         raise ValueError(f"batch_norm_momentum must be in (0, 1), got {batch_norm_momentum!r}")
     if output_from not in ("decoder", "input"):
