@@ -1169,10 +1169,11 @@ def _raise_mismatch(root: Path, existing: dict[str, Any] | None, params: dict[st
 
 
 def default_root(seed: int = 0, difficulty: str = "paper", n_cases: int = 30, slices_per_case: int = 1,
-                 size: int = IMAGE_SIZE) -> Path:
+                 size: int = IMAGE_SIZE, data_dir: str | os.PathLike | None = None) -> Path:
     """``<data_dir>/phantom-<difficulty>-seed<seed>[-n<n_cases>][-s<slices_per_case>][-px<size>]``.
 
-    Only non-default values appear, so the default dataset is ``data/phantom-paper-seed0``.
+    Only non-default values appear, so the default dataset is ``data/phantom-paper-seed0``;
+    ``data_dir`` defaults to ``kts.config.data_dir()``.
     """
     _check_difficulty(difficulty)
     seed = _check_int("seed", seed, 0)
@@ -1183,4 +1184,4 @@ def default_root(seed: int = 0, difficulty: str = "paper", n_cases: int = 30, sl
         name += f"-s{_check_int('slices_per_case', slices_per_case, 1)}"
     if size != IMAGE_SIZE:
         name += f"-px{_check_int('size', size, 64, 1024)}"
-    return config.data_dir() / name
+    return (Path(data_dir) if data_dir is not None else config.data_dir()) / name

@@ -33,10 +33,11 @@ def prepare_dataset(profile: Profile, seed: int = 0, source_root: str | os.PathL
         if not source_root.is_dir():
             raise ValueError(f"{source_root}: ${kts_config.SOURCE_ENV} names no folder")
     if source_root is None:
-        name = f"phantom-{profile.difficulty}-seed{seed}-n{profile.n_cases}-s{profile.slices_per_case}"
+        source_root = phantom.default_root(seed, profile.difficulty, profile.n_cases, profile.slices_per_case,
+                                           data_dir=base)
         if header_overrides:
-            name += "-overrides"
-        source_root = phantom.write_dataset(base / name, n_cases=profile.n_cases, seed=seed,
+            source_root = source_root.with_name(source_root.name + "-overrides")
+        source_root = phantom.write_dataset(source_root, n_cases=profile.n_cases, seed=seed,
                                             difficulty=profile.difficulty, slices_per_case=profile.slices_per_case,
                                             header_overrides=header_overrides)
     source_root = Path(source_root)

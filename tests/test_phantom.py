@@ -311,6 +311,19 @@ def test_default_root_follows_data_dir(monkeypatch, tmp_path):
     assert phantom.default_root() == tmp_path / "phantom-paper-seed0"
     assert phantom.default_root(seed=2, difficulty="hard", n_cases=10, slices_per_case=3) == \
         tmp_path / "phantom-hard-seed2-n10-s3"
+    assert phantom.default_root(seed=1, data_dir=tmp_path / "other") == tmp_path / "other" / "phantom-paper-seed1"
+
+
+def test_prepare_dataset_writes_the_phantom_at_default_root(tmp_path):
+    """The pipeline's phantom folder is the one ``default_root`` names: one rule for the name."""
+    from dataclasses import replace
+
+    from kts import config, workflow
+
+    profile = replace(config.get_profile("quick"), n_cases=3)
+    _, root = workflow.prepare_dataset(profile, seed=4, data_dir=tmp_path)
+    assert root == phantom.default_root(4, profile.difficulty, 3, profile.slices_per_case, data_dir=tmp_path)
+    assert (root / "phantom.json").is_file()
 
 
 # --------------------------------------------------------------------------- Figures 1 and 3
