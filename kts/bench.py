@@ -310,17 +310,9 @@ def task_matmul(n: int, warmup: int, repeats: int, libraries: Sequence[str] = ("
 
 
 def _compile(model, jit_compile: bool = False):
-    import keras
-
     from kts.train import compile_cunet
 
-    if not jit_compile:
-        compile_cunet(model, 1e-3)
-    else:
-        model.compile(optimizer=keras.optimizers.Adam(learning_rate=1e-3), loss=keras.losses.BinaryCrossentropy(),
-                      metrics=[keras.metrics.BinaryAccuracy(name="accuracy"),
-                               keras.metrics.BinaryIoU(target_class_ids=[1], threshold=0.5, name="iou")],
-                      jit_compile=True)
+    compile_cunet(model, 1e-3, jit_compile=True if jit_compile else "auto")
 
 
 def task_cunet(size: int, z: int, batch: int, warmup: int, repeats: int, modes: Sequence[str] = ("train", "infer"),
@@ -374,6 +366,8 @@ def _layer_times(model, batch: int, warmup: int, repeats: int) -> list[dict]:
     import tensorflow as tf
     from keras import layers
 
+    from kts.cunet import layer_flops
+
     rows = []
     probe = tf.constant(np.zeros((batch, 8, 8, 1), np.float32))
     noop = tf.function(lambda t: t * 2.0)  # what one call costs without the work: subtracted
@@ -383,18 +377,14 @@ def _layer_times(model, batch: int, warmup: int, repeats: int) -> list[dict]:
             continue
         in_shape = tuple(layer.input.shape[1:])
         out_shape = tuple(layer.output.shape[1:])
-        kh, kw = layer.kernel_size
-        if isinstance(layer, layers.Conv2DTranspose):
-            macs = in_shape[0] * in_shape[1] * in_shape[2] * kh * kw * out_shape[2]
-        else:
-            macs = out_shape[0] * out_shape[1] * out_shape[2] * kh * kw * in_shape[2]
+        flops = layer_flops(layer) * batch
         x = tf.constant(np.random.default_rng(0).random((batch, *in_shape), dtype=np.float32))
         fn = tf.function(lambda t, layer=layer: layer(t))
         seconds = statistics.median(time_repeats(lambda: fn(x).numpy(), warmup, repeats, 0.05))
         seconds = max(seconds - overhead, 0.05 * seconds)
         rows.append({"layer": layer.name, "input": list(in_shape), "output": list(out_shape),
-                     "gflop": round(2 * macs * batch / 1e9, 5), "ms": round(seconds * 1e3, 3),
-                     "gflops_per_s": round(2 * macs * batch / seconds / 1e9, 2)})
+                     "gflop": round(flops / 1e9, 5), "ms": round(seconds * 1e3, 3),
+                     "gflops_per_s": round(flops / seconds / 1e9, 2)})
     return rows
 
 

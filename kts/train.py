@@ -191,9 +191,12 @@ def set_output_prior(model, masks, layer: str = "I_out") -> float:
     return prior
 
 
-def compile_cunet(model, learning_rate: float) -> None:
-    """Binary cross-entropy and Adam (section IV), with accuracy and foreground IoU as metrics (Table I)."""
-    model.compile(
+def compile_cunet(model, learning_rate: float, jit_compile: bool | str = "auto") -> None:
+    """Binary cross-entropy and Adam (section IV), with accuracy and foreground IoU as metrics (Table I).
+
+    ``jit_compile`` goes to ``model.compile`` (the benchmark measures XLA with ``True``).
+    """
+    model.compile(jit_compile=jit_compile,
         optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
         loss=keras.losses.BinaryCrossentropy(),
         metrics=[keras.metrics.BinaryAccuracy(name="accuracy"),
