@@ -124,7 +124,7 @@ def train_tumour_stage(dataset, splits: dict, profile: Profile, out_dir: str | o
     """
     from kts import pretrain
     from kts.io import write_json
-    from kts.maskrcnn import MaskRCNNConfig, TumorMaskRCNN
+    from kts.maskrcnn import MaskRCNNConfig, TumorMaskRCNN, anchor_positives
 
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}; got {init!r}")
@@ -154,9 +154,14 @@ def train_tumour_stage(dataset, splits: dict, profile: Profile, out_dir: str | o
                         validate_every=max(steps // 4, 1), initial_weights=initial, learning_rate=learning_rate)
     choice = model.choose_score_threshold(val_crops, val_labels)
     model.save(out_dir / "model")
+    positives = anchor_positives(config, train_labels)  # issue 12: several positive anchors per tumour
     write_json(done, {"history": history, "timing": getattr(model, "timing", {}), "init": init,
                       "score_threshold": model.score_threshold, "threshold_chosen_on_validation": choice["chosen"],
-                      "n_train_crops": int(len(train_crops)), "n_val_crops": int(len(val_crops))})
+                      "n_train_crops": int(len(train_crops)), "n_val_crops": int(len(val_crops)),
+                      "anchor_positives": {"n_tumours": int(positives.size),
+                                           "median": float(np.median(positives)) if positives.size else None,
+                                           "share_with_none": float(np.mean(positives == 0)) if positives.size
+                                           else None}})
     return model, _read_json(done)
 
 
