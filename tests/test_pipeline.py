@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from kts import config, phantom, pipeline, study
+from kts import config, phantom, pipeline, publish, study
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = Path(os.environ["KTS_TEST_BASE"])
@@ -70,6 +70,22 @@ def test_every_notebook_ran_and_wrote_its_figures(metrics):
         for ext in ("png", "pdf"):
             assert (RESULTS / f"{figure}.{ext}").stat().st_size > 1000
     assert json.loads((RESULTS / "metrics.json").read_text())["provenance"]["profile"] == "quick"
+
+
+@pytest.mark.slow
+def test_every_figure_cell_of_every_executed_notebook_holds_a_png(metrics, tmp_path):
+    """What a reader of ``runs/`` (and of the published copies) sees: a figure, not ``<Figure ...>`` text;
+    and the quick copies pass ``kts publish``'s checks (no path, traceback or figure without PNG)."""
+    import nbformat
+
+    names = publish.figure_functions()
+    for path in sorted(RUNS.glob("0*.ipynb")):
+        cells = [c for c in nbformat.read(path, as_version=4).cells if publish.draws_figure(c, names)]
+        assert cells, f"{path.name}: no figure cell found"
+        missing = [c.source.splitlines()[0] for c in cells if not publish.pngs(c)]
+        assert not missing, f"{path.name}: figure cells without an image/png output: {missing}"
+    written = publish.publish(RUNS, tmp_path / "executed", profile="quick")
+    assert len(written) == len(pipeline.list_notebooks())
 
 
 @pytest.mark.slow
