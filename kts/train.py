@@ -218,7 +218,7 @@ def _check_pair(images, masks, what: str) -> None:
 
 def train_cunet(train: tuple, validation: tuple | None, out_dir: str | os.PathLike, *,
                 model_kwargs: dict | None = None, config: TrainConfig = TrainConfig(), seed: int = 0,
-                strategy=None, resume: bool = False, verbose: int = 0) -> TrainResult:
+                strategy=None, resume: bool = False, verbose: int = 0, progress: bool = False) -> TrainResult:
     """Train a CU-Net with the paper's recipe (section IV); return the best model and its history.
 
     ``train`` and ``validation`` are ``(images, kidney_masks)`` with images in 0..255; the
@@ -226,7 +226,8 @@ def train_cunet(train: tuple, validation: tuple | None, out_dir: str | os.PathLi
     :func:`kts.cunet.build_cunet` (the input shape is taken from the images). ``strategy``: an
     optional ``tf.distribute.Strategy`` (e.g. ``MirroredStrategy`` over several GPUs) under whose
     scope the model is built and trained. ``resume=True`` continues from ``out_dir/last.keras``
-    and ends where an uninterrupted run would have ended.
+    and ends where an uninterrupted run would have ended. ``progress=True`` shows one bar over
+    the epochs (:class:`EpochProgress`) with the loss and the monitored value.
     """
     from kts.cunet import build_cunet
 
@@ -268,6 +269,8 @@ def train_cunet(train: tuple, validation: tuple | None, out_dir: str | os.PathLi
 
     callbacks = _callbacks(out_dir, config, seed, state, history_rows)
     checkpoint_cb = callbacks[-1]
+    if progress:
+        callbacks = callbacks + [EpochProgress(config.epochs, first_epoch, config.monitor)]
     val_x, val_y = prepare_inputs(validation[0]), prepare_masks(validation[1])
     dataset = make_dataset(images, masks, config.batch_size, seed, config.flip,
                            first_epoch=first_epoch, epochs=config.epochs - first_epoch, intensity=config.intensity)
@@ -289,6 +292,32 @@ def _callbacks(out_dir: Path, config: TrainConfig, seed: int, state: dict | None
     # Keras calls callbacks in list order: the checkpoint runs after EarlyStopping and
     # ReduceLROnPlateau have reset themselves (train begin) and updated themselves (epoch end).
     return [early_stopping_cb, reduce_lr_cb, checkpoint_cb]
+
+
+class EpochProgress(keras.callbacks.Callback):
+    """A progress bar over the epochs (``tqdm.auto``: a widget in Jupyter, text in a console).
+
+    It stops where early stopping stops (section IV), so the bar may end before ``epochs``."""
+
+    def __init__(self, epochs: int, first_epoch: int = 0, monitor: str = "val_loss", desc: str = "CU-Net epochs"):
+        super().__init__()
+        self.epochs, self.first_epoch, self.monitor, self.desc = int(epochs), int(first_epoch), monitor, desc
+        self.bar = None
+
+    def on_train_begin(self, logs=None):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=self.epochs, initial=self.first_epoch, desc=self.desc, leave=False)
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        shown = {key: f"{logs[key]:.4f}" for key in ("loss", self.monitor) if key in logs}
+        self.bar.set_postfix(shown, refresh=False)
+        self.bar.update(1)
+
+    def on_train_end(self, logs=None):
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _callback_state(cb) -> dict:

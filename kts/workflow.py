@@ -72,18 +72,19 @@ def cunet_train_config(profile: Profile, epochs: int | None = None, intensity: s
 
 
 def train_kidney_stage(dataset, splits: dict, profile: Profile, out_dir: str | os.PathLike, seed: int = 0,
-                       resume: bool = True, epochs: int | None = None, verbose: int = 0, intensity: str = "none"):
+                       resume: bool = True, epochs: int | None = None, verbose: int = 0, intensity: str = "none",
+                       progress: bool = True):
     """Train the CU-Net on the training cases, watching the validation cases (section III.A.3).
 
     ``intensity="random_lut"`` adds the random intensity curves of ``kts.train.random_lut``
-    (not in the paper; notebook 07)."""
+    (not in the paper; notebook 07). ``progress`` shows a bar over the epochs."""
     from kts.train import train_cunet
 
     train_set, val_set = dataset.subset(splits["train"]), dataset.subset(splits["val"])
     return train_cunet((train_set.images, train_set.kidney_masks), (val_set.images, val_set.kidney_masks),
                        out_dir, model_kwargs=dict(z=profile.cunet_base_filters),
                        config=cunet_train_config(profile, epochs, intensity), seed=seed, resume=resume,
-                       verbose=verbose)
+                       verbose=verbose, progress=progress)
 
 
 def tumour_crops(dataset, case_ids, crop_size: int, copies: int = 1, jitter: int = 0, seed: int = 0,

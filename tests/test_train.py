@@ -67,11 +67,15 @@ def test_resume_ends_where_an_uninterrupted_run_ends(data, tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
-def test_same_seed_same_weights(data, tmp_path):
+def test_same_seed_same_weights(data, tmp_path, capsys):
+    """Same seed, same weights; the progress bar (shown for b) shows epochs and changes nothing."""
     (x, y), (vx, vy) = data
     config = train.TrainConfig(epochs=2, batch_size=4)
     a = train.train_cunet((x, y), (vx, vy), tmp_path / "a", model_kwargs=dict(z=2), config=config, seed=7)
-    b = train.train_cunet((x, y), (vx, vy), tmp_path / "b", model_kwargs=dict(z=2), config=config, seed=7)
+    capsys.readouterr()
+    b = train.train_cunet((x, y), (vx, vy), tmp_path / "b", model_kwargs=dict(z=2), config=config, seed=7,
+                          progress=True)
+    assert "CU-Net epochs" in capsys.readouterr().err
     for wa, wb in zip(a.model.get_weights(), b.model.get_weights()):
         np.testing.assert_array_equal(wa, wb)
 
