@@ -351,3 +351,27 @@ def mask_ap(gt_label_maps: Sequence, predictions: Sequence[Mapping]) -> dict[str
         evaluator.summarize()
     stats = evaluator.stats
     return {name: (NAN if stats[i] < 0 else float(stats[i])) for i, name in enumerate(("AP", "AP50", "AP75"))}
+
+
+# --------------------------------------------------------------------------- tumour burden (Fig. 1)
+
+#: Tumour burden (tumour pixels / kidney-with-tumour pixels) bounds of the Fig. 1 categories.
+BURDEN_MILD_MAX = 0.15
+BURDEN_MODERATE_MAX = 0.40
+
+
+def tumor_burden(kidney_mask, tumor_labels) -> float:
+    """Tumour pixels over kidney-with-tumour pixels (Fig. 1's measure); 0 when the slice has no kidney."""
+    kidney = int(np.count_nonzero(kidney_mask))
+    return float(np.count_nonzero(tumor_labels)) / kidney if kidney else 0.0
+
+
+def burden_category(burden: float) -> str:
+    """Fig. 1's tumour categories from the tumour fraction of the kidney: none, mild, moderate, large."""
+    if burden <= 0:
+        return "none"
+    if burden <= BURDEN_MILD_MAX:
+        return "mild"
+    if burden <= BURDEN_MODERATE_MAX:
+        return "moderate"
+    return "large"

@@ -43,6 +43,7 @@ from scipy import ndimage
 from kts import config
 from kts.errors import KtsInputError
 from kts.io import atomic_path, write_json, write_text
+from kts.metrics import burden_category, tumor_burden  # Fig. 1's burden bands live with the metrics
 
 GENERATOR = "kts.phantom"
 GENERATOR_VERSION = "1.1.0"
@@ -52,9 +53,6 @@ IMAGE_SIZE = 360
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 CASE_ID_FORMAT = "KTS-PHANTOM-{:04d}"
 STUDY_DATE = "20000101"
-#: Tumour burden (tumour pixels / kidney-with-tumour pixels) bounds of the Fig. 1 categories.
-BURDEN_MILD_MAX = 0.15
-BURDEN_MODERATE_MAX = 0.40
 
 SERIES_DESCRIPTIONS = {
     "t1_post": "AX T1 POST GAD (phantom)",
@@ -168,9 +166,8 @@ class PhantomSlice:
 
     @property
     def tumor_burden(self) -> float:
-        """Tumour pixels over kidney-with-tumour pixels (0 when there is no kidney)."""
-        kidney = int(np.count_nonzero(self.kidney_mask))
-        return float(np.count_nonzero(self.tumor_labels)) / kidney if kidney else 0.0
+        """Tumour pixels over kidney-with-tumour pixels (0 when there is no kidney; ``kts.metrics.tumor_burden``)."""
+        return tumor_burden(self.kidney_mask, self.tumor_labels)
 
 
 # --------------------------------------------------------------------------- argument checks
@@ -853,17 +850,6 @@ def generate(n_cases: int = 30, seed: int = 0, difficulty: str = "paper", slices
     for i in range(n_cases):
         slices.extend(generate_case(i, seed, difficulty, slices_per_case, ws[i % len(ws)], size))
     return slices
-
-
-def burden_category(burden: float) -> str:
-    """Fig. 1's tumour categories from the tumour fraction of the kidney: none, mild, moderate, large."""
-    if burden <= 0:
-        return "none"
-    if burden <= BURDEN_MILD_MAX:
-        return "mild"
-    if burden <= BURDEN_MODERATE_MAX:
-        return "moderate"
-    return "large"
 
 
 def tumor_contrast(s: PhantomSlice, rim_px: tuple[int, int] = (2, 6)) -> list[dict[str, Any]]:
