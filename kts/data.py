@@ -540,18 +540,21 @@ def resize_image(image: np.ndarray, size: int | Sequence[int] = DEFAULT_IMAGE_SI
 def resize_mask(mask: np.ndarray, size: int | Sequence[int] = DEFAULT_IMAGE_SIZE) -> np.ndarray:
     """Resize a 2-D label mask by nearest neighbour, keeping label values and dtype exactly.
 
-    Section IV (masks follow their images to 320x320).
+    Section IV (masks follow their images to 320x320); the cascade's label crops use it too.
+    Each output pixel takes the input pixel under its centre (the same as
+    ``skimage.transform.resize(order=0)`` except where a centre falls exactly on a pixel
+    border, which never happens for 360 -> 320 or 360 -> 128).
     """
-    from skimage.transform import resize
-
     shape = _size_pair(size)
     mask = np.asarray(mask)
     if mask.ndim != 2:
         raise ValueError(f"resize_mask takes one 2-D mask, got shape {mask.shape}")
     if mask.shape == shape:
         return mask.copy()
-    out = resize(mask, shape, order=0, preserve_range=True, anti_aliasing=False, mode="edge")
-    return np.rint(out).astype(mask.dtype)
+    h, w = mask.shape
+    rows = np.minimum(((np.arange(shape[0]) + 0.5) * h / shape[0]).astype(int), h - 1)
+    cols = np.minimum(((np.arange(shape[1]) + 0.5) * w / shape[1]).astype(int), w - 1)
+    return mask[rows[:, None], cols[None, :]]
 
 
 # ----------------------------------------------------------------------------- dataset

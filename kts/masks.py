@@ -81,6 +81,17 @@ class SliceGeometry:
         return d @ self.col_direction / self.spacing[0], d @ self.row_direction / self.spacing[1], d @ self.normal
 
 
+def renumber(labels: np.ndarray, min_pixels: int = 1) -> np.ndarray:
+    """Instances renumbered 1..n in the order of their old labels, those under ``min_pixels`` dropped (uint16)."""
+    from skimage.segmentation import relabel_sequential
+
+    labels = np.asarray(labels)
+    if min_pixels > 1:
+        ids, counts = np.unique(labels, return_counts=True)
+        labels = np.where(np.isin(labels, ids[(ids != 0) & (counts < min_pixels)]), 0, labels)
+    return relabel_sequential(labels)[0].astype(np.uint16)
+
+
 def series_geometry(series_folder: str | os.PathLike) -> dict[str, SliceGeometry]:
     """Header geometry of every slice in a DICOM series folder, keyed by SOPInstanceUID."""
     import pydicom

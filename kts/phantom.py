@@ -43,6 +43,7 @@ from scipy import ndimage
 from kts import config
 from kts.errors import KtsInputError
 from kts.io import atomic_path, write_json, write_text
+from kts.masks import renumber
 from kts.metrics import burden_category, tumor_burden  # Fig. 1's burden bands live with the metrics
 
 GENERATOR = "kts.phantom"
@@ -632,9 +633,8 @@ def _render_tissue(an: dict, cv: _Canvas, z: float, tex: np.ndarray):
     inst[~np.isin(cv.tissue, TUMOR_TISSUES)] = 0
     # final instance numbering 1..n in tumour order
     ids = [i + 1 for i in range(len(fields)) if keep[i] and np.any(inst == i + 1)]
-    relabel = np.zeros(len(fields) + 1, np.uint16)
+    inst = np.where(np.isin(inst, ids), inst, 0)
     for new, old in enumerate(ids, start=1):
-        relabel[old] = new
         t = fields[old - 1][0]
         g = geoms[t.side]
         area = int(np.count_nonzero(inst == old))
@@ -642,8 +642,7 @@ def _render_tissue(an: dict, cv: _Canvas, z: float, tex: np.ndarray):
         tumors_here.append(dict(label=new, tumor_id=t.tumor_id, side="left" if t.side > 0 else "right",
                                 area_px=area, radius_mm=round(t.radius, 2), exophytic=outside > 0.1 * area,
                                 necrotic=bool(np.any((inst == old) & (cv.tissue == NECROSIS)))))
-    inst = relabel[inst]
-    return cv.tissue, inst, tumors_here, body
+    return cv.tissue, renumber(inst), tumors_here, body
 
 
 def _hard_structures(an: dict, cv: _Canvas) -> np.ndarray:
