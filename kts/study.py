@@ -108,7 +108,7 @@ def run_study(dataset, profile: Profile, seeds: Iterable[int], work_dir: str | o
     partitions = list(partitions or PAPER_TABLE1)
     seeds = list(seeds)
     if not seeds:
-        raise ValueError("SEEDS must be at least 1")
+        raise ValueError("seeds must hold at least one seed")
     rows = []
     total = len(partitions) * len(seeds)
     for i, (partition, seed) in enumerate(((p, s) for p in partitions for s in seeds), start=1):

@@ -331,7 +331,7 @@ def _instance_masks(label_map, instances) -> dict:
 def pick_figure5_slices(tumour_labels, n: int = 4) -> list[int]:
     """Slices for Figure 5: those with tumours first (most instances first), then tumour-free ones."""
     if not isinstance(n, int) or n < 1:
-        raise ValueError(f"N_SHOWN must be a positive int, got {n!r}")
+        raise ValueError(f"n (the number of slices to show) must be a positive int, got {n!r}")
     counts = [len(np.unique(t[t > 0])) for t in np.asarray(tumour_labels)]
     order = sorted(range(len(counts)), key=lambda i: (-counts[i], i))
     with_tumour = [i for i in order if counts[i] > 0]
@@ -355,7 +355,7 @@ def real_data_source(name: str, limit: int = 2, dest: str | os.PathLike | None =
 
     sources = ("phantom", "tcga-kirc", "cptac-ccrcc")
     if name not in sources:
-        raise ValueError(f"DATA must be one of {sources}, got {name!r}")
+        raise ValueError(f"name (the data source) must be one of {sources}, got {name!r}")
     if name == "phantom":
         return None
     rows = manifest.read_manifest(kts_config.project_root() / "data_manifest.csv")
@@ -370,11 +370,11 @@ def real_data_source(name: str, limit: int = 2, dest: str | os.PathLike | None =
     try:
         fetch.fetch(rows.head(limit), dest, timeout=20, retries=1, progress=False)
     except Exception as exc:  # no network here is the common case, not an error of the user's
-        warnings.warn(f"DATA={name!r}: could not fetch its series ({type(exc).__name__}: {str(exc)[:200]}). "
+        warnings.warn(f"data source {name!r}: could not fetch its series ({type(exc).__name__}: {str(exc)[:200]}). "
                       f"{howto} THIS RUN USES THE PHANTOM INSTEAD.", UserWarning, stacklevel=2)
         return None
     if not any(dest.glob("*/masks")):
-        warnings.warn(f"DATA={name!r}: the series are in {dest.name}/ but no case has a masks/ folder, so "
+        warnings.warn(f"data source {name!r}: the series are in {dest.name}/ but no case has a masks/ folder, so "
                       f"there is nothing to train or score against. {howto} THIS RUN USES THE PHANTOM INSTEAD.",
                       UserWarning, stacklevel=2)
         return None
