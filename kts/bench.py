@@ -831,11 +831,6 @@ def section_input_pipeline(s: dict) -> dict:
 
 def section_maskrcnn(s: dict) -> dict:
     out = _skipped_template(MASKRCNN_KEYS, None)
-    import importlib.util
-
-    if importlib.util.find_spec("kts.maskrcnn") is None:
-        out["skipped"] = "kts.maskrcnn is not there yet"
-        return out
     tasks = [{"name": "maskrcnn", "params": {"profiles": [name], "steps": s["maskrcnn_steps"],
                                              "n_crops": s["maskrcnn_crops"], "warmup": 1,
                                              "repeats": s["repeats"]}} for name in ("quick", "paper")]
@@ -861,12 +856,6 @@ def section_maskrcnn(s: dict) -> dict:
 
 def section_data(s: dict) -> dict:
     out = _skipped_template(DATA_KEYS, None)
-    import importlib.util
-
-    missing = [m for m in ("kts.phantom", "kts.data") if importlib.util.find_spec(m) is None]
-    if missing:
-        out["skipped"] = f"{', '.join(missing)} not there yet"
-        return out
     with tempfile.TemporaryDirectory(prefix="kts-bench-data-") as tmp:
         v = _spawn_one(out, [{"name": "data", "params": {"n_cases": s["data_cases"], "repeats": s["data_repeats"],
                                                  "workdir": tmp}}])
@@ -935,13 +924,8 @@ def run_measured(command: Sequence[str], timeout: float, env: dict | None = None
 def section_e2e(profile: str, timeout: float) -> dict:
     out = _skipped_template(E2E_KEYS, None)
     out["profile"] = profile
-    import importlib.util
-
     from kts import config
 
-    if importlib.util.find_spec("kts.pipeline") is None:
-        out["skipped"] = "kts.pipeline is not there yet"
-        return out
     with tempfile.TemporaryDirectory(prefix=f"kts-bench-e2e-{profile}-") as tmp:
         folders = {name: str(Path(tmp) / name) for name in ("results", "runs", "work", "data")}
         command = [sys.executable, "-m", "kts", "run", "--profile", profile, "--force",

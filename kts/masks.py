@@ -8,7 +8,7 @@ position, never by file order**. A mask that does not fit its image raises
 :class:`kts.errors.MaskError` naming the files.
 
 * PNG per slice (``<SOPInstanceUID>_kidney.png`` / ``_tumor.png``): :func:`read_png_masks`
-  delegates to :func:`kts.data.read_png_masks`.
+  (and :func:`read_png` for one file).
 * NIfTI (:func:`read_nifti_mask`): NIfTI's affine maps voxel indices to RAS+ millimetres,
   DICOM's ImagePositionPatient/ImageOrientationPatient are in LPS+; kts converts with
   ``RAS = diag(-1, -1, 1) . LPS`` and, for every pixel centre of every DICOM slice, finds the
@@ -149,11 +149,92 @@ def _display(mask: np.ndarray, meta: Any) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- PNG
-def read_png_masks(mask_dir: str | os.PathLike, metas: Sequence[Any], **kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Kidney masks and tumour label maps from per-slice PNGs (delegates to :func:`kts.data.read_png_masks`)."""
-    from kts import data
+def read_png(path: str | os.PathLike) -> np.ndarray:
+    """One greyscale PNG mask as written by the phantom (uint8 or uint16); a colour or unreadable file raises
+    :class:`~kts.errors.MaskError` naming it."""
+    from PIL import Image, UnidentifiedImageError
 
-    return data.read_png_masks(mask_dir, metas, **kwargs)
+    try:
+        with Image.open(path) as img:
+            img.load()
+            mode = img.mode
+            if mode not in ("1", "L", "P", "I", "I;16", "I;16B", "I;16L"):
+                raise MaskError(path, f"is a {mode} image; a mask must be one greyscale channel of labels")
+            array = np.asarray(img)
+    except MaskError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise MaskError(path, f"cannot be read as PNG ({type(exc).__name__}: {str(exc)[:200]})") from None
+    if array.dtype == bool:
+        array = array.astype(np.uint8)
+    return array
+
+
+def read_png_masks(mask_dir: str | os.PathLike, metas: Sequence[Any], *, allow_empty: bool = False,
+                   tumor_outside_kidney: str = "error") -> tuple[np.ndarray, np.ndarray]:
+    """Kidney masks (uint8 0/1 [n, H, W]) and tumour label maps (uint16 [n, H, W]) of a series.
+
+    Section III.A.2 (mask image set M). Paired with the slices by SOPInstanceUID file names
+    ``<SOPInstanceUID>_kidney.png`` / ``<SOPInstanceUID>_tumor.png``, never by order. The
+    kidney mask (kidney with its tumours) may hold 0 and 1 or 0 and 255; the tumour map holds
+    0 and instance labels 1..n. Masks are in the stored pixel grid and get the slice's
+    :func:`to_display` transform. A missing mask, a size differing from the image, an
+    all-zero kidney mask (unless ``allow_empty``), other kidney labels, or tumour pixels outside
+    the kidney (``tumor_outside_kidney``: ``"error"``, ``"warn"`` keep them, ``"merge"`` add them
+    to the kidney) raise :class:`~kts.errors.MaskError` naming the file.
+    """
+    import warnings
+
+    from kts.data import to_display
+
+    if tumor_outside_kidney not in ("error", "warn", "merge"):
+        raise ValueError(f"tumor_outside_kidney must be 'error', 'warn' or 'merge', got {tumor_outside_kidney!r}")
+    mask_dir = Path(mask_dir)
+    if not mask_dir.is_dir():
+        raise MaskError(mask_dir, "is not a folder; the masks of a case go in <case>/masks/")
+    kidneys, tumours = [], []
+    for meta in metas:
+        pair = []
+        for kind in ("kidney", "tumor"):
+            path = mask_dir / f"{meta.sop_instance_uid}_{kind}.png"
+            if not path.is_file():
+                raise MaskError(path, f"is missing: every slice needs a {kind} mask named "
+                                      f"<SOPInstanceUID>_{kind}.png (slice {meta.file_name})")
+            array = read_png(path)
+            if array.shape != (meta.rows, meta.columns):
+                raise MaskError(path, f"is {array.shape[0]}x{array.shape[1]} but its image {meta.file_name} is "
+                                      f"{meta.rows}x{meta.columns} (rows x columns); masks must match the image")
+            pair.append((path, array))
+        (kidney_path, kidney), (tumour_path, tumour) = pair
+        labels = np.unique(kidney)
+        bad = [int(v) for v in labels if v not in (0, 1, 255)]
+        if bad:
+            raise MaskError(kidney_path, f"has labels {bad[:5]}; a kidney mask holds only 0 and 1 (or 0 and 255)")
+        kidney = (kidney > 0).astype(np.uint8)
+        if (np.issubdtype(tumour.dtype, np.signedinteger) and tumour.min() < 0) or tumour.max() > 65535:
+            raise MaskError(tumour_path, "has labels outside 0..65535; a tumour map holds 0 and instances 1..n")
+        tumour = tumour.astype(np.uint16)
+        if not allow_empty and not kidney.any():
+            raise MaskError(kidney_path, "is empty (no kidney pixel); the paper's dataset has kidney on every "
+                                         "slice: drop the slice or pass allow_empty=True")
+        outside = (tumour > 0) & (kidney == 0)
+        if outside.any():
+            message = (f"has {int(outside.sum())} tumour pixels outside the kidney mask "
+                       f"{kidney_path.name}; the kidney mask must include its tumours")
+            if tumor_outside_kidney == "error":
+                raise MaskError(tumour_path, message + " (or pass tumor_outside_kidney='merge')")
+            if tumor_outside_kidney == "warn":
+                warnings.warn(f"{tumour_path}: {message}", stacklevel=2)
+            else:
+                kidney = np.where(outside, 1, kidney).astype(np.uint8)
+        if meta.oriented:
+            kidney = to_display(kidney, meta.image_orientation)
+            tumour = to_display(tumour, meta.image_orientation)
+        kidneys.append(kidney)
+        tumours.append(tumour)
+    if not kidneys:
+        raise MaskError(mask_dir, "no slices given: pass the metas returned by read_series")
+    return np.stack(kidneys), np.stack(tumours)
 
 
 # ----------------------------------------------------------------------------- NIfTI

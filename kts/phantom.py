@@ -1017,18 +1017,6 @@ def write_png(array: np.ndarray, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
-def read_png(path: str | os.PathLike) -> np.ndarray:
-    """Read a greyscale PNG written by :func:`write_png` (uint8 or uint16)."""
-    from PIL import Image
-
-    with Image.open(path) as img:
-        mode = img.mode
-        arr = np.asarray(img)
-    if mode in ("I;16", "I;16B", "I;16L", "I"):
-        return arr.astype(np.uint16)
-    return arr.astype(np.uint8)
-
-
 def _dataset_parameters(n_cases, seed, difficulty, slices_per_case, weightings, header_overrides, size) -> dict[str, Any]:
     overrides = _check_overrides(header_overrides)
     digest = None

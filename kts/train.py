@@ -106,14 +106,6 @@ def prepare_masks(masks) -> np.ndarray:
     return (y > 0).astype(np.float32)
 
 
-def flip_pairs(images, masks, flip: str = "horizontal"):
-    """The flipped copies that double the training set (section IV): left-right or up-down."""
-    axis = {"horizontal": 2, "vertical": 1}.get(flip)
-    if axis is None:
-        raise ValueError(f"flip must be one of {FLIPS}, got {flip!r}")
-    return np.flip(images, axis=axis), np.flip(masks, axis=axis)
-
-
 def random_lut(image, seed):
     """``image`` (values in 0..1) through a random piecewise-linear curve of ``LUT_POINTS`` points.
 
@@ -444,13 +436,3 @@ def predict_probabilities(model, images, batch_size: int = 8) -> np.ndarray:
     """Kidney probabilities [N, H, W] for images in 0..255."""
     x = prepare_inputs(images)
     return np.asarray(model.predict(x, batch_size=batch_size, verbose=0))[..., 0]
-
-
-def load_history(out_dir: str | os.PathLike):
-    """The per-epoch history CSV written by :func:`train_cunet` (Figure 6's data)."""
-    import pandas as pd
-
-    path = Path(out_dir) / HISTORY_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no training history; train first")
-    return pd.read_csv(path)

@@ -47,7 +47,9 @@ def test_training_drives_loss_down_and_iou_up(data, tmp_path):
     for name in (train.BEST_FILE, train.LAST_FILE, train.HISTORY_FILE, train.STATE_FILE):
         assert (tmp_path / name).exists()
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
-    assert list(train.load_history(tmp_path).columns)[:1] == ["epoch"]
+    import pandas as pd
+
+    assert list(pd.read_csv(tmp_path / train.HISTORY_FILE).columns)[:1] == ["epoch"]
     probabilities = train.predict_probabilities(result.model, vx)
     assert probabilities.shape == vx.shape
     assert metrics.summarise(probabilities > 0.5, vy)["mean_dice"] > 0.3
@@ -105,8 +107,6 @@ def test_flip_doubles_the_set_exactly():
     assert len(seen) == 6
     expected = {arr.tobytes() for arr in train.prepare_inputs(np.concatenate([x, np.flip(x, axis=2)]))[..., 0]}
     assert {arr.tobytes() for arr in seen} == expected
-    fx, fy = train.flip_pairs(x, y, "vertical")
-    np.testing.assert_array_equal(fx[:, ::-1], x)
 
 
 @pytest.mark.parametrize("kwargs, fragment", [
