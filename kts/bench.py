@@ -64,7 +64,7 @@ SINGLE_CORE_ENV = {"TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1",
 
 # ----------------------------------------------------------------------------- small helpers
 
-def summarize(values: Sequence[float], unit: str) -> dict[str, Any]:
+def median_of_repeats(values: Sequence[float], unit: str) -> dict[str, Any]:
     """A figure: its repeats, their median, and the unit."""
     values = [float(v) for v in values]
     if not values:
@@ -663,8 +663,8 @@ def section_ceiling(s: dict) -> dict:
         if not r.get("ok"):
             out["skipped"] = f"{label}: {r['error']}"
             continue
-        out[f"tf_{label}"] = summarize(r["value"]["tensorflow"], "GFLOP/s")
-        out[f"numpy_{label}"] = summarize(r["value"]["numpy"], "GFLOP/s")
+        out[f"tf_{label}"] = median_of_repeats(r["value"]["tensorflow"], "GFLOP/s")
+        out[f"numpy_{label}"] = median_of_repeats(r["value"]["numpy"], "GFLOP/s")
     return out
 
 
@@ -702,8 +702,8 @@ def section_cunet(s: dict, ceiling: float | None) -> dict:
                 "train_first_call_s", "infer_first_call_s"):
         out[key] = v.get(key)
     out["flops_profiler_over_analytic"] = round(v["flops_forward_profiler"] / v["flops_forward_analytic"], 5)
-    out["train_images_per_s"] = summarize(v["train_images_per_s"], "images/s")
-    out["infer_images_per_s"] = summarize(v["infer_images_per_s"], "images/s")
+    out["train_images_per_s"] = median_of_repeats(v["train_images_per_s"], "images/s")
+    out["infer_images_per_s"] = median_of_repeats(v["infer_images_per_s"], "images/s")
     flops = v["flops_forward_analytic"]
     out["train_gflops_per_s"], out["train_fraction_of_ceiling"] = _fraction(out["train_images_per_s"], flops, 3, ceiling)
     out["infer_gflops_per_s"], out["infer_fraction_of_ceiling"] = _fraction(out["infer_images_per_s"], flops, 1, ceiling)
@@ -775,8 +775,8 @@ def section_variations(s: dict, ceiling: float | None, flops: int | None, baseli
         row = {"name": name, "env": env, "batch": batch, "train_images_per_s": None, "infer_images_per_s": None,
                "train_fraction_of_ceiling": None, "infer_fraction_of_ceiling": None, "error": None}
         if r.get("ok"):
-            row["train_images_per_s"] = summarize(r["value"]["train_images_per_s"], "images/s")
-            row["infer_images_per_s"] = summarize(r["value"]["infer_images_per_s"], "images/s")
+            row["train_images_per_s"] = median_of_repeats(r["value"]["train_images_per_s"], "images/s")
+            row["infer_images_per_s"] = median_of_repeats(r["value"]["infer_images_per_s"], "images/s")
             row["train_fraction_of_ceiling"] = _fraction(row["train_images_per_s"], flops, 3, ceiling)[1]
             row["infer_fraction_of_ceiling"] = _fraction(row["infer_images_per_s"], flops, 1, ceiling)[1]
         else:
@@ -804,8 +804,8 @@ def section_torch(s: dict, cunet: dict) -> dict:
     if v is None:
         return out
     out.update(version=v["version"], threads=v["threads"], params=v["params"],
-               train_images_per_s=summarize(v["train_images_per_s"], "images/s"),
-               infer_images_per_s=summarize(v["infer_images_per_s"], "images/s"))
+               train_images_per_s=median_of_repeats(v["train_images_per_s"], "images/s"),
+               infer_images_per_s=median_of_repeats(v["infer_images_per_s"], "images/s"))
     for mode in ("train", "infer"):
         kts_rate = median_of(cunet.get(f"{mode}_images_per_s"))
         if kts_rate:
@@ -822,8 +822,8 @@ def section_input_pipeline(s: dict) -> dict:
         "steps": s["pipeline_steps"], "repeats": s["repeats"]}}])
     if v is None:
         return out
-    out["pipeline_s_per_step"] = summarize(v["pipeline"], "s/step")
-    out["tensors_s_per_step"] = summarize(v["tensors"], "s/step")
+    out["pipeline_s_per_step"] = median_of_repeats(v["pipeline"], "s/step")
+    out["tensors_s_per_step"] = median_of_repeats(v["tensors"], "s/step")
     paired = [a / b - 1 for a, b in zip(v["pipeline"], v["tensors"])]
     out["overhead_pct"] = round(statistics.median(paired) * 100, 2)  # median of the alternated pairs
     return out
@@ -844,7 +844,7 @@ def section_maskrcnn(s: dict) -> dict:
             errors.append(f"{name}: {r['error']}")
             continue
         v = dict(r["value"][name])
-        v["ms_per_crop"] = summarize(v["ms_per_crop"], "ms/crop")
+        v["ms_per_crop"] = median_of_repeats(v["ms_per_crop"], "ms/crop")
         for key in ("seconds_per_step", "first_step_s", "first_predict_s"):
             v[key] = round(v[key], 4)
         v["note"] = "seconds_per_step: mean over the steps after the first (TumorMaskRCNN.timing)"
@@ -863,7 +863,7 @@ def section_data(s: dict) -> dict:
         return out
     out.update(n_cases=v["n_cases"], n_slices=v["n_slices"])
     for key in ("generate", "write", "read_series", "build_dataset"):
-        out[f"{key}_slices_per_s"] = summarize(v[key], "slices/s")
+        out[f"{key}_slices_per_s"] = median_of_repeats(v[key], "slices/s")
     return out
 
 

@@ -301,10 +301,11 @@ def tumor_scores(pred_label_maps: Iterable, gt_label_maps: Iterable, iou_thresho
             "true_negative_slices": inst["true_negative_slices"]}
 
 
-def mask_ap(gt_label_maps: Sequence, predictions: Sequence[Mapping]) -> dict[str, float]:
+def mask_ap(predictions: Sequence[Mapping], gt_label_maps: Sequence) -> dict[str, float]:
     """COCO mask average precision of tumour instances, computed by ``pycocotools`` (the field standard).
 
-    ``predictions`` holds one dict per slice with ``masks`` [n, H, W] (bool) and ``scores`` [n].
+    ``predictions`` holds one dict per slice with ``masks`` [n, H, W] (bool) and ``scores`` [n];
+    ``gt_label_maps`` the true instance label maps (prediction first, truth second, as every metric here).
     Returns ``AP`` (IoU 0.50:0.95), ``AP50`` and ``AP75``; NaN (undefined) where there is no
     ground-truth instance (COCO's -1), 0 when there is one and nothing was predicted.
     """

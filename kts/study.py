@@ -111,7 +111,7 @@ def run_study(dataset, profile: Profile, seeds: Iterable[int], work_dir: str | o
                                 f"{format_metric(row['tumour_dice'])}, instance F1 {format_metric(row['instance_f1'])}"))
 
 
-def summarise(runs) -> "pd.DataFrame":
+def table1_from_runs(runs) -> "pd.DataFrame":
     """Table I: per partition, mean and sd over seeds of each metric, the seed count, the paper's values.
 
     The s.d. (ddof 1) is NaN with one seed: a single run has no spread (it used to read 0).
@@ -175,7 +175,7 @@ def table1_note(table) -> str:
 def write_table1(runs, results_dir: str | os.PathLike) -> "pd.DataFrame":
     """Write ``table1.csv``, ``table1.md`` and ``table1_runs.csv`` (per seed) atomically."""
     results_dir = Path(results_dir)
-    table = summarise(runs)
+    table = table1_from_runs(runs)
     with kts_io.atomic_path(results_dir / "table1.csv") as tmp:
         table.to_csv(tmp, index=False, float_format="%.4f")
     with kts_io.atomic_path(results_dir / "table1_runs.csv") as tmp:

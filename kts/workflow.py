@@ -210,7 +210,7 @@ def compare_tumour_models(models: dict, crops, labels, weightings) -> "Any":
         for group in [*sorted(set(weightings)), "pooled"]:
             rows_k = [i for i, w in enumerate(weightings) if group in ("pooled", w)]
             sc = metrics.tumor_scores([pred[i] for i in rows_k], [labels[i] for i in rows_k])
-            ap = metrics.mask_ap([labels[i] for i in rows_k], [every[i] for i in rows_k])
+            ap = metrics.mask_ap([every[i] for i in rows_k], [labels[i] for i in rows_k])
             rows.append({"model": name, "weighting": group, "crops": len(rows_k), "tumours": sc["n_gt"],
                          "tumour_dice": sc["dice"], "instance_f1": sc["instance_f1"],
                          "instance_precision": sc["instance_precision"], "instance_recall": sc["instance_recall"],
@@ -307,7 +307,7 @@ def score_cascade(kidney_probabilities, kidney_pred, tumour_pred_labels, kidney_
     if instance_predictions is not None:
         predictions = [_instance_masks(labels, found)
                        for labels, found in zip(tumour_pred_labels_ap, instance_predictions, strict=True)]
-        out["mask_ap"] = metrics.mask_ap(list(tumour_gt_labels), predictions)["AP"]
+        out["mask_ap"] = metrics.mask_ap(predictions, list(tumour_gt_labels))["AP"]
     if weightings is not None:
         weightings = list(weightings)
         if len(weightings) != len(tumour_gt_bin):
