@@ -460,7 +460,7 @@ def task_maskrcnn(profiles: Sequence[str], steps: int, n_crops: int, warmup: int
 def task_data(n_cases: int, repeats: int, workdir: str) -> dict:
     """Slices per second: phantom generation, writing it as DICOM + PNG masks, ``read_series``
     of every case and ``build_dataset`` (extraction, normalisation, resize; no cache)."""
-    from kts import data, phantom
+    from kts import data, dicom, phantom
 
     out: dict[str, list] = {"generate": [], "write": [], "read_series": [], "build_dataset": []}
     n_slices = 0
@@ -475,7 +475,7 @@ def task_data(n_cases: int, repeats: int, workdir: str) -> dict:
         out["write"].append(n_slices / (time.perf_counter() - t0))
         cases = sorted(p for p in root.iterdir() if p.is_dir() and (p / "dicom").is_dir())
         t0 = time.perf_counter()
-        read = sum(len(data.read_series(case / "dicom")[1]) for case in cases)
+        read = sum(len(dicom.read_series(case / "dicom")[1]) for case in cases)
         out["read_series"].append(read / (time.perf_counter() - t0))
         t0 = time.perf_counter()
         ds = data.build_dataset(root, image_size=320)

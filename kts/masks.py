@@ -2,7 +2,7 @@
 
 Section III.A.2 (the mask image set M paired with the MR images) and Fig. 5 (predicted kidney
 and tumour masks). Every importer returns arrays aligned with the ``metas`` that
-:func:`kts.data.read_series` returns for the image series (``[n, H, W]``, same slice order,
+:func:`kts.dicom.read_series` returns for the image series (``[n, H, W]``, same slice order,
 same display transform), and pairs mask and slice by **SOPInstanceUID or patient-space
 position, never by file order**. A mask that does not fit its image raises
 :class:`kts.errors.MaskError` naming the files.
@@ -103,7 +103,7 @@ def series_geometry(series_folder: str | os.PathLike) -> dict[str, SliceGeometry
     for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
-        except Exception:  # not DICOM: kts.data.read_series reports it
+        except Exception:  # not DICOM: kts.dicom.read_series reports it
             continue
         if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds or "PixelSpacing" not in ds:
             raise MaskError(path, "has no ImagePositionPatient/ImageOrientationPatient/PixelSpacing; masks in "
@@ -123,7 +123,7 @@ def series_geometry(series_folder: str | os.PathLike) -> dict[str, SliceGeometry
 def _metas(series_folder: str | os.PathLike, metas: Sequence[Any] | None) -> list[Any]:
     if metas is not None:
         return list(metas)
-    from kts.data import read_series
+    from kts.dicom import read_series
 
     return read_series(series_folder, require_modality=None)[1]
 
@@ -142,7 +142,7 @@ def _geometries_for(series_folder: str | os.PathLike, metas: Sequence[Any], mask
 
 def _display(mask: np.ndarray, meta: Any) -> np.ndarray:
     if getattr(meta, "oriented", False):
-        from kts.data import to_display
+        from kts.dicom import to_display
 
         return to_display(mask, meta.image_orientation)
     return mask
@@ -185,7 +185,7 @@ def read_png_masks(mask_dir: str | os.PathLike, metas: Sequence[Any], *, allow_e
     """
     import warnings
 
-    from kts.data import to_display
+    from kts.dicom import to_display
 
     if tumor_outside_kidney not in ("error", "warn", "merge"):
         raise ValueError(f"tumor_outside_kidney must be 'error', 'warn' or 'merge', got {tumor_outside_kidney!r}")
@@ -243,7 +243,7 @@ def read_nifti_mask(nifti_path: str | os.PathLike, series_folder: str | os.PathL
     """A NIfTI label volume resampled (nearest voxel, no interpolation) onto the series' slices.
 
     Returns ``[n, H, W]`` in the dtype of the NIfTI data (integers), aligned with ``metas``
-    (default: those of :func:`kts.data.read_series`). See the module docstring for RAS vs LPS.
+    (default: those of :func:`kts.dicom.read_series`). See the module docstring for RAS vs LPS.
     """
     import nibabel as nib
 
@@ -295,7 +295,7 @@ def read_seg_mask(seg_path: str | os.PathLike, metas: Sequence[Any],
                   segment_labels: Sequence[str] = ("Kidney", "Tumour")) -> dict[str, np.ndarray]:
     """Binary masks ``{label: uint8 [n, H, W]}`` from a DICOM-SEG, per referenced SOPInstanceUID.
 
-    The SEG must reference the series of ``metas`` (:func:`kts.data.read_series`); slices it has
+    The SEG must reference the series of ``metas`` (:func:`kts.dicom.read_series`); slices it has
     no frame for are empty. Labels match SegmentLabel case-insensitively ("Tumor" finds "Tumour").
     """
     import highdicom as hd
@@ -350,7 +350,7 @@ def write_seg(path: str | os.PathLike, series_folder: str | os.PathLike, metas: 
     """Write predicted kidney and tumour masks as a BINARY DICOM-SEG over the source series (Fig. 5).
 
     ``kidney``/``tumour`` are ``[n, H, W]`` in the order and display orientation of ``metas``
-    (as :func:`kts.data.read_series` and the models produce them); they are mapped back to the
+    (as :func:`kts.dicom.read_series` and the models produce them); they are mapped back to the
     stored pixel grid of each referenced SOPInstanceUID. Written atomically.
     """
     import highdicom as hd
@@ -436,10 +436,10 @@ def write_seg(path: str | os.PathLike, series_folder: str | os.PathLike, metas: 
 
 
 def _undisplay(mask: np.ndarray, meta: Any) -> np.ndarray:
-    """Invert :func:`kts.data.to_display` for one slice (back to the stored pixel grid)."""
+    """Invert :func:`kts.dicom.to_display` for one slice (back to the stored pixel grid)."""
     if not getattr(meta, "oriented", False):
         return mask
-    from kts.data import display_axes
+    from kts.dicom import display_axes
 
     transpose, flip_v, flip_h = display_axes(meta.image_orientation)
     out = mask
@@ -476,7 +476,7 @@ def read_rtstruct_mask(rtstruct_path: str | os.PathLike, series_folder: str | os
                        tolerance_mm: float = 1.0) -> np.ndarray:
     """Union of the ROIs whose name matches ``roi_pattern``, rasterised: uint8 0/1 ``[n, H, W]``.
 
-    Aligned with ``metas`` (default: :func:`kts.data.read_series` of ``series_folder``).
+    Aligned with ``metas`` (default: :func:`kts.dicom.read_series` of ``series_folder``).
     """
     from skimage.draw import polygon
 
