@@ -95,3 +95,48 @@ def test_goals_table_judges_each_goal_from_results(tmp_path):
     assert goals["unseen_contrast_dice"]["met"] is None
     text = pipeline.goals_section(tmp_path)
     assert "| 0.940-0.960 | missed (1 of 2 met) |" in text and "not measured in this run" in text
+
+
+# kts's floors, bottom first: a module may import (at module level or inside a function) only from
+# floors below its own. Data flow runs phantom -> DICOM -> data -> models -> cascade -> metrics -> plots;
+# the imports point the other way, down to the small modules everything shares.
+LAYERS = (
+    ("errors", "io", "config"),
+    ("metrics", "cunet", "dicom"),
+    ("masks",),
+    ("data",),
+    ("phantom", "train", "maskrcnn"),
+    ("manifest", "cascade", "reference", "runs", "plots"),
+    ("fetch", "pretrain", "explorer"),
+    ("workflow",),
+    ("study", "contrasts"),
+    ("pipeline",),
+    ("teaching", "publish", "bench"),
+    ("cli", "__init__"),
+    ("__main__",),
+)
+
+
+def _kts_imports(path: Path) -> set[str]:
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module == "kts":
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("kts."):
+            found.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            found |= {alias.name.split(".")[1] for alias in node.names if alias.name.startswith("kts.")}
+    return found
+
+
+def test_no_module_imports_one_above_it():
+    """issue 14: the package's layering holds, for module-level and function-level imports alike."""
+    floor = {name: i for i, names in enumerate(LAYERS) for name in names}
+    modules = {p.stem for p in (ROOT / "kts").glob("*.py")}
+    assert modules == set(floor), f"place these modules on a floor: {sorted(modules ^ set(floor))}"
+    upward = [f"{m} (floor {floor[m]}) imports {x} (floor {floor[x]})"
+              for m in sorted(modules) for x in sorted(_kts_imports(ROOT / "kts" / f"{m}.py") & modules)
+              if x != m and floor[x] >= floor[m]]
+    assert not upward, upward
