@@ -45,8 +45,16 @@ SECTIONS = ("ceiling", "cunet", "variations", "torch", "input_pipeline", "maskrc
             "e2e_quick", "e2e_paper")
 DEFAULT_SECTIONS = tuple(s for s in SECTIONS if s != "e2e_paper")
 QUICK_SECTIONS = ("ceiling", "cunet", "input_pipeline", "data")
-PAPER_CUNET = dict(size=320, z=16, batch=4)
-QUICK_CUNET = dict(size=128, z=8, batch=4)
+
+
+def cunet_settings(profile: str) -> dict[str, int]:
+    """The CU-Net a profile trains (``kts.config.PROFILES``): input size, z and batch."""
+    from kts import config
+
+    p = config.get_profile(profile)
+    return dict(size=p.image_size, z=p.cunet_base_filters, batch=p.cunet_training.batch_size)
+
+
 PAPER_CUNET_PARAMS = 2_164_305
 GOALS = {
     "cunet_train_fraction_of_ceiling": (">=", 0.60),
@@ -621,7 +629,7 @@ def spawn(tasks: list[dict], env: dict[str, str] | None = None, threads: dict | 
 # ----------------------------------------------------------------------------- sections
 
 def _settings(quick: bool) -> dict[str, Any]:
-    cunet = QUICK_CUNET if quick else PAPER_CUNET
+    cunet = cunet_settings("quick" if quick else "paper")
     return {"warmup": 1 if quick else 2, "repeats": 3 if quick else 5, "matmul_n": 1024 if quick else 4096,
             "cunet_size": cunet["size"], "cunet_z": cunet["z"], "cunet_batch": cunet["batch"],
             "pipeline_images": 8 if quick else 24, "pipeline_steps": 3 if quick else 12,
@@ -694,7 +702,7 @@ def _spawn_one(out: dict, tasks: list) -> dict | None:
 def section_cunet(s: dict, ceiling: float | None) -> dict:
     out = _skipped_template(CUNET_KEYS, None)
     out.update(input_size=s["cunet_size"], z=s["cunet_z"], batch_size=s["cunet_batch"],
-               paper_settings=(s["cunet_size"], s["cunet_z"], s["cunet_batch"]) == tuple(PAPER_CUNET.values()))
+               paper_settings=(s["cunet_size"], s["cunet_z"], s["cunet_batch"]) == tuple(cunet_settings("paper").values()))
     v = _spawn_one(out, [_cunet_task(s, flops=True, layers=True)])
     if v is None:
         return out

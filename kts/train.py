@@ -19,47 +19,13 @@ import keras
 import numpy as np
 
 from kts import io as kts_io
+from kts.config import FLIPS, INTENSITY, TrainConfig  # noqa: F401 - the recipe's settings live with the profiles
 
 HISTORY_FILE = "history.csv"
 BEST_FILE = "best.keras"
 LAST_FILE = "last.keras"
 STATE_FILE = "state.json"
-FLIPS = ("horizontal", "vertical")
-INTENSITY = ("none", "random_lut")
 LUT_POINTS = 6  # control points of the random intensity curve (intensity="random_lut")
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """Training settings; defaults are the paper profile's (errata E10 for values the paper leaves open)."""
-
-    epochs: int = 100
-    batch_size: int = 4
-    learning_rate: float = 1e-3
-    flip: str = "horizontal"           # the flip that doubles the training set (section IV)
-    early_stopping_patience: int = 10  # EarlyStopping on val_loss, restore_best_weights
-    reduce_lr_patience: int = 5        # ReduceLROnPlateau on val_loss
-    reduce_lr_factor: float = 0.5
-    min_learning_rate: float = 1e-6
-    monitor: str = "val_loss"
-    # Not in the paper (section IV: "flips and other techniques"): "random_lut" passes half of the
-    # training images through a random smooth intensity curve, so the CU-Net cannot lean on one
-    # MR weighting's grey levels (notebook 07 measures what it buys on an unseen contrast).
-    intensity: str = "none"
-
-    def __post_init__(self):
-        for name in ("epochs", "batch_size", "early_stopping_patience", "reduce_lr_patience"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not (isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0):
-            raise ValueError(f"learning_rate must be a positive number, got {self.learning_rate!r}")
-        if self.flip not in FLIPS:
-            raise ValueError(f"flip must be one of {FLIPS}, got {self.flip!r}")
-        if self.intensity not in INTENSITY:
-            raise ValueError(f"intensity must be one of {INTENSITY}, got {self.intensity!r}")
-        if not 0 < self.reduce_lr_factor < 1:
-            raise ValueError(f"reduce_lr_factor must be in (0, 1), got {self.reduce_lr_factor!r}")
 
 
 @dataclasses.dataclass

@@ -62,15 +62,6 @@ def run_folder(work_dir: str | os.PathLike, partition: str, seed: int) -> Path:
     return Path(work_dir) / "study" / run_name(partition, seed)
 
 
-def cunet_train_config(profile: Profile, epochs: int | None = None, intensity: str = "none"):
-    """The paper's recipe (section IV) with the profile's epochs, batch and patience."""
-    from kts.train import TrainConfig
-
-    return TrainConfig(epochs=epochs or profile.cunet_epochs, batch_size=profile.cunet_batch_size,
-                       early_stopping_patience=profile.early_stopping_patience,
-                       reduce_lr_patience=profile.reduce_lr_patience, intensity=intensity)
-
-
 def train_kidney_stage(dataset, splits: dict, profile: Profile, out_dir: str | os.PathLike, seed: int = 0,
                        resume: bool = True, epochs: int | None = None, verbose: int = 0, intensity: str = "none",
                        progress: bool = True):
@@ -83,7 +74,7 @@ def train_kidney_stage(dataset, splits: dict, profile: Profile, out_dir: str | o
     train_set, val_set = dataset.subset(splits["train"]), dataset.subset(splits["val"])
     return train_cunet((train_set.images, train_set.kidney_masks), (val_set.images, val_set.kidney_masks),
                        out_dir, model_kwargs=dict(z=profile.cunet_base_filters),
-                       config=cunet_train_config(profile, epochs, intensity), seed=seed, resume=resume,
+                       config=profile.cunet_config(epochs, intensity), seed=seed, resume=resume,
                        verbose=verbose, progress=progress)
 
 
