@@ -28,7 +28,7 @@ SOURCE_ENV = "KTS_SOURCE_ROOT"  # a data folder in kts' on-disk layout to use in
 
 
 FLIPS = ("horizontal", "vertical")
-INTENSITY = ("none", "random_lut")
+INTENSITY = ("none", "random_lut", "synth")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +48,8 @@ class TrainConfig:
     monitor: str = "val_loss"
     # Not in the paper (section IV: "flips and other techniques"): "random_lut" passes half of the
     # training images through a random smooth intensity curve, so the CU-Net cannot lean on one
-    # MR weighting's grey levels (notebook 07 measures what it buys on an unseen contrast).
+    # MR weighting's grey levels (notebook 07 measures what it buys on an unseen contrast);
+    # "synth" re-synthesises training images from their tissue label maps (kts.synth, SynthSeg).
     intensity: str = "none"
 
     def __post_init__(self):

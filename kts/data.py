@@ -150,7 +150,8 @@ class Dataset:
 
     ``images`` float32 [N, S, S] in 0..255, ``kidney_masks`` uint8 0/1, ``tumor_labels``
     uint16 (0 background, instances 1..n), ``index`` one row per slice (columns
-    ``_INDEX_COLUMNS``). ``cached`` says whether this came from the cache file.
+    ``_INDEX_COLUMNS``). ``cached`` says whether this came from the cache file; ``source_root``
+    is the folder it was read from (``kts.phantom.tissue_label_maps`` finds the phantom there).
     """
 
     images: np.ndarray
@@ -159,6 +160,7 @@ class Dataset:
     index: pd.DataFrame
     fingerprint: str = ""
     cached: bool = False
+    source_root: str = ""
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -176,7 +178,7 @@ class Dataset:
             raise ValueError(f"case ids not in this dataset: {unknown[:5]}; choose from {self.case_ids[:5]}...")
         rows = np.flatnonzero(self.index["case_id"].isin(wanted).to_numpy())
         return Dataset(self.images[rows], self.kidney_masks[rows], self.tumor_labels[rows],
-                       self.index.iloc[rows].reset_index(drop=True), self.fingerprint, self.cached)
+                       self.index.iloc[rows].reset_index(drop=True), self.fingerprint, self.cached, self.source_root)
 
 
 def _case_folders(root: Path) -> list[Path]:
@@ -278,6 +280,7 @@ def build_dataset(source_root: str | os.PathLike, cache_path: str | os.PathLike 
         if not force and cache_path.is_file():
             cached = _load_cache(cache_path, fingerprint)
             if cached is not None:
+                cached.source_root = str(root)
                 return cached
 
     source = "phantom" if (root / "phantom.json").is_file() else "user"
@@ -310,7 +313,8 @@ def build_dataset(source_root: str | os.PathLike, cache_path: str | os.PathLike 
             ))
     index_csv = pd.DataFrame(rows, columns=_INDEX_COLUMNS).to_csv(index=False, lineterminator="\n")
     data = Dataset(np.stack(images).astype(np.float32), np.stack(kidneys).astype(np.uint8),
-                   np.stack(tumours).astype(np.uint16), _index_from_csv(index_csv), fingerprint, cached=False)
+                   np.stack(tumours).astype(np.uint16), _index_from_csv(index_csv), fingerprint, cached=False,
+                   source_root=str(root))
     if cache_path is not None:
         with atomic_path(cache_path) as tmp:
             np.savez_compressed(tmp, images=data.images, kidney_masks=data.kidney_masks,

@@ -851,6 +851,44 @@ def generate(n_cases: int = 30, seed: int = 0, difficulty: str = "paper", slices
     return slices
 
 
+def tissue_label_maps(dataset) -> np.ndarray:
+    """The tissue label map (classes of ``TISSUE_NAMES``) of every slice of a phantom ``kts.data.Dataset``.
+
+    Regenerated from the phantom's ``phantom.json`` in ``dataset.source_root`` (the generator is
+    deterministic), matched by SOPInstanceUID and resized to the dataset's size like its masks;
+    ``kts.synth`` draws training images from them (SynthSeg's recipe, issue 16). Raises
+    ``ValueError`` when the dataset is not a kts phantom, or when a regenerated kidney does not
+    match the dataset's kidney mask (a phantom written by another generator version).
+    """
+    from kts.data import resize_mask
+
+    root = Path(dataset.source_root) if getattr(dataset, "source_root", "") else None
+    if root is None or not (root / "phantom.json").is_file():
+        raise ValueError(f"{root or 'this dataset'}: no phantom.json, so no tissue label maps: they exist only "
+                         "for the kts phantom (real series carry kidney masks, not a full anatomical label map)")
+    params = json.loads((root / "phantom.json").read_text())
+    weightings = params.get("weightings") or list(WEIGHTINGS)
+    wanted = set(dataset.index["sop_instance_uid"])
+    by_sop: dict[str, np.ndarray] = {}
+    for case_id in dict.fromkeys(dataset.index["case_id"]):
+        case_index = int(str(case_id).rsplit("-", 1)[-1]) - 1  # case_id_for numbers cases from 1
+        for s in generate_case(case_index, params["seed"], params["difficulty"], params["slices_per_case"],
+                               weightings[case_index % len(weightings)], params.get("size", IMAGE_SIZE)):
+            if s.meta["sop_instance_uid"] in wanted:
+                by_sop[s.meta["sop_instance_uid"]] = s.meta["tissue_labels"]
+    size = dataset.images.shape[1:3]
+    out = np.zeros((len(dataset),) + tuple(size), np.uint8)
+    for i, sop in enumerate(dataset.index["sop_instance_uid"]):
+        if sop not in by_sop:
+            raise ValueError(f"{root}: slice {sop} is not one the phantom's generator draws for these parameters")
+        out[i] = resize_mask(by_sop[sop].astype(np.uint8), size)
+        if not np.array_equal(np.isin(out[i], KIDNEY_TISSUES), dataset.kidney_masks[i] > 0):
+            raise ValueError(f"{root}: the regenerated tissue map of slice {sop} does not match its kidney mask "
+                             f"(phantom written by generator {params.get('generator_version')}, this is "
+                             f"{GENERATOR_VERSION}): rewrite the phantom")
+    return out
+
+
 def tumor_contrast(s: PhantomSlice, rim_px: tuple[int, int] = (2, 6)) -> list[dict[str, Any]]:
     """How visible each tumour of a slice is: its contrast to the kidney around it (issue-12 CNR).
 

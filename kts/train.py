@@ -88,15 +88,20 @@ def random_lut(image, seed):
 
 
 def make_dataset(images, masks, batch_size: int, seed: int, flip: str = "horizontal",
-                 first_epoch: int = 0, epochs: int = 1, augment: bool = True, intensity: str = "none"):
+                 first_epoch: int = 0, epochs: int = 1, augment: bool = True, intensity: str = "none",
+                 tissue_labels=None, synth_config=None):
     """The training ``tf.data`` pipeline: originals plus flipped copies, reshuffled each epoch.
 
     The order of epoch ``e`` depends only on ``(seed, e)`` (a stateless shuffle), so a run
     resumed at epoch ``e`` sees the very batches the uninterrupted run saw. With
     ``intensity="random_lut"`` every other image (by a stateless coin per epoch and item)
-    goes through :func:`random_lut`.
+    goes through :func:`random_lut`; with ``"synth"`` a share ``synth_config.p_synthetic``
+    (default :data:`kts.synth.DEFAULT`) is re-synthesised from ``tissue_labels`` (int [N, H, W],
+    aligned with ``images``) by :func:`kts.synth.synthesise`, mask deformed alike.
     """
     import tensorflow as tf
+
+    from kts import synth
 
     x = tf.constant(prepare_inputs(images))
     y = tf.constant(prepare_masks(masks))
@@ -106,6 +111,14 @@ def make_dataset(images, masks, batch_size: int, seed: int, flip: str = "horizon
 
     if intensity not in INTENSITY:
         raise ValueError(f"intensity must be one of {INTENSITY}, got {intensity!r}")
+    if intensity == "synth":
+        if tissue_labels is None or np.shape(tissue_labels) != tuple(x.shape[:3]):
+            raise ValueError(f"intensity='synth' needs tissue_labels [N, H, W] aligned with the images "
+                             f"{tuple(x.shape[:3])}, got {None if tissue_labels is None else np.shape(tissue_labels)}; "
+                             "the phantom's come from kts.phantom.tissue_label_maps(dataset)")
+        tissue = tf.constant(np.asarray(tissue_labels, np.int32))
+        n_labels = int(np.max(tissue_labels)) + 1
+        synth_config = synth.DEFAULT if synth_config is None else synth_config
 
     def one_epoch(epoch):
         order = tf.random.experimental.stateless_shuffle(tf.range(total, dtype=tf.int64),
@@ -122,6 +135,15 @@ def make_dataset(images, masks, batch_size: int, seed: int, flip: str = "horizon
                 item_seed = tf.stack([tf.cast(seed, tf.int64) * 1_000_003 + epoch, i])
                 coin = tf.random.stateless_uniform([], seed=item_seed + 1)
                 xi = tf.where(coin < 0.5, random_lut(xi, item_seed), xi)
+            if intensity == "synth":
+                item_seed = tf.stack([tf.cast(seed, tf.int64) * 1_000_003 + epoch, i])
+                labels = tf.gather(tissue, j)
+                if augment:
+                    labels = tf.where(i >= n, tf.reverse(labels, [axis - 1]), labels)
+                coin = tf.random.stateless_uniform([], seed=item_seed + 1)
+                xi, yi = tf.cond(coin < synth_config.p_synthetic,
+                                 lambda: synth.synthesise(labels, yi, item_seed + 2, n_labels, synth_config),
+                                 lambda: (xi, yi))
             return xi, yi
 
         return tf.data.Dataset.from_tensor_slices(order).map(take).batch(batch_size)
@@ -176,7 +198,8 @@ def _check_pair(images, masks, what: str) -> None:
 
 def train_cunet(train: tuple, validation: tuple | None, out_dir: str | os.PathLike, *,
                 model_kwargs: dict | None = None, config: TrainConfig = TrainConfig(), seed: int = 0,
-                strategy=None, resume: bool = False, verbose: int = 0, progress: bool = False) -> TrainResult:
+                strategy=None, resume: bool = False, verbose: int = 0, progress: bool = False,
+                tissue_labels=None) -> TrainResult:
     """Train a CU-Net with the paper's recipe (section IV); return the best model and its history.
 
     ``train`` and ``validation`` are ``(images, kidney_masks)`` with images in 0..255; the
@@ -185,7 +208,8 @@ def train_cunet(train: tuple, validation: tuple | None, out_dir: str | os.PathLi
     optional ``tf.distribute.Strategy`` (e.g. ``MirroredStrategy`` over several GPUs) under whose
     scope the model is built and trained. ``resume=True`` continues from ``out_dir/last.keras``
     and ends where an uninterrupted run would have ended. ``progress=True`` shows one bar over
-    the epochs (:class:`EpochProgress`) with the loss and the monitored value.
+    the epochs (:class:`EpochProgress`) with the loss and the monitored value. ``tissue_labels``
+    (int [N, H, W], aligned with the training images) feed ``config.intensity="synth"``.
     """
     from kts.cunet import build_cunet
 
@@ -231,7 +255,8 @@ def train_cunet(train: tuple, validation: tuple | None, out_dir: str | os.PathLi
         callbacks = callbacks + [EpochProgress(config.epochs, first_epoch, config.monitor)]
     val_x, val_y = prepare_inputs(validation[0]), prepare_masks(validation[1])
     dataset = make_dataset(images, masks, config.batch_size, seed, config.flip,
-                           first_epoch=first_epoch, epochs=config.epochs - first_epoch, intensity=config.intensity)
+                           first_epoch=first_epoch, epochs=config.epochs - first_epoch, intensity=config.intensity,
+                           tissue_labels=tissue_labels)
     model.fit(dataset, validation_data=(val_x, val_y), validation_batch_size=config.batch_size,
               epochs=config.epochs, initial_epoch=first_epoch,
               steps_per_epoch=steps_per_epoch(len(images), config.batch_size),

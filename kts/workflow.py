@@ -68,14 +68,20 @@ def train_kidney_stage(dataset, splits: dict, profile: Profile, out_dir: str | o
     """Train the CU-Net on the training cases, watching the validation cases (section III.A.3).
 
     ``intensity="random_lut"`` adds the random intensity curves of ``kts.train.random_lut``
-    (not in the paper; notebook 07). ``progress`` shows a bar over the epochs."""
+    (not in the paper; notebook 07), ``"synth"`` images re-synthesised from the phantom's tissue
+    label maps (``kts.synth``, SynthSeg's domain randomisation). ``progress`` shows a bar over the epochs."""
     from kts.train import train_cunet
 
     train_set, val_set = dataset.subset(splits["train"]), dataset.subset(splits["val"])
+    tissue = None
+    if intensity == "synth":  # SynthSeg's recipe (kts.synth) draws from the phantom's tissue label maps
+        from kts.phantom import tissue_label_maps
+
+        tissue = tissue_label_maps(train_set)
     return train_cunet((train_set.images, train_set.kidney_masks), (val_set.images, val_set.kidney_masks),
                        out_dir, model_kwargs=dict(z=profile.cunet_base_filters),
                        config=profile.cunet_config(epochs, intensity), seed=seed, resume=resume,
-                       verbose=verbose, progress=progress)
+                       verbose=verbose, progress=progress, tissue_labels=tissue)
 
 
 def tumour_crops(dataset, case_ids, crop_size: int, copies: int = 1, jitter: int = 0, seed: int = 0,

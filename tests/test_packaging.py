@@ -102,7 +102,7 @@ def test_goals_table_judges_each_goal_from_results(tmp_path):
 # the imports point the other way, down to the small modules everything shares.
 LAYERS = (
     ("errors", "io", "config"),
-    ("metrics", "cunet", "dicom"),
+    ("metrics", "cunet", "dicom", "synth"),
     ("masks",),
     ("data",),
     ("phantom", "train", "maskrcnn"),
