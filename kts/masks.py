@@ -345,13 +345,16 @@ def _normalise_label(label: str) -> str:
 
 
 def write_seg(path: str | os.PathLike, series_folder: str | os.PathLike, metas: Sequence[Any],
-              kidney: np.ndarray, tumour: np.ndarray, series_number: int = 900,
-              content_datetime: _dt.datetime | None = None) -> Path:
+              kidney: np.ndarray, tumour: np.ndarray | None, series_number: int = 900,
+              content_datetime: _dt.datetime | None = None, proposal: bool = False) -> Path:
     """Write predicted kidney and tumour masks as a BINARY DICOM-SEG over the source series (Fig. 5).
 
     ``kidney``/``tumour`` are ``[n, H, W]`` in the order and display orientation of ``metas``
     (as :func:`kts.dicom.read_series` and the models produce them); they are mapped back to the
-    stored pixel grid of each referenced SOPInstanceUID. Written atomically.
+    stored pixel grid of each referenced SOPInstanceUID. ``tumour=None`` writes the kidney
+    segment only. ``proposal=True`` marks every label and the series description as an
+    unreviewed proposal (``kts.proposals``: masks for series that have none, to be corrected in
+    a viewer before any use). Written atomically.
     """
     import highdicom as hd
     import pydicom
@@ -362,7 +365,8 @@ def write_seg(path: str | os.PathLike, series_folder: str | os.PathLike, metas: 
 
     metas = list(metas)
     kidney = np.asarray(kidney)
-    tumour = np.asarray(tumour)
+    with_tumour = tumour is not None
+    tumour = np.asarray(tumour) if with_tumour else np.zeros_like(kidney)
     if kidney.shape != tumour.shape or kidney.ndim != 3 or kidney.shape[0] != len(metas):
         raise ValueError(f"kidney and tumour must both be [n, H, W] with n = {len(metas)} slices; "
                          f"got {kidney.shape} and {tumour.shape}")
@@ -380,7 +384,7 @@ def write_seg(path: str | os.PathLike, series_folder: str | os.PathLike, metas: 
         if ds is None:
             raise MaskError(folder, f"has no slice with SOPInstanceUID {meta.sop_instance_uid} ({meta.file_name})")
         planes = []
-        for array in (kidney[i], tumour[i]):
+        for array in (kidney[i], tumour[i])[: 2 if with_tumour else 1]:
             planes.append(_undisplay(np.asarray(array) > 0, meta))
         if planes[0].shape != (int(ds.Rows), int(ds.Columns)):
             raise MaskError(folder / meta.file_name, f"mask is {planes[0].shape} but the slice is "
@@ -393,18 +397,19 @@ def write_seg(path: str | os.PathLike, series_folder: str | os.PathLike, metas: 
     algorithm = hd.AlgorithmIdentificationSequence(name="kts CU-Net + Mask R-CNN",
                                                    family=codes.cid7162.ArtificialIntelligence,
                                                    version=str(kts_version))
+    marker = " (PROPOSAL, unreviewed)" if proposal else ""
     segments = [
         hd.seg.SegmentDescription(
-            segment_number=1, segment_label="Kidney",
+            segment_number=1, segment_label="Kidney" + marker,
             segmented_property_category=codes.SCT.AnatomicalStructure,
             segmented_property_type=codes.SCT.Kidney,
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algorithm),
         hd.seg.SegmentDescription(
-            segment_number=2, segment_label="Tumour",
+            segment_number=2, segment_label="Tumour" + marker,
             segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
             segmented_property_type=codes.SCT.Neoplasm,
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algorithm),
-    ]
+    ][: 2 if with_tumour else 1]
     source_series = str(sources[0].SeriesInstanceUID)
     content = hashlib.sha256(pixel_array.tobytes() + str(pixel_array.shape).encode()).hexdigest()
     seg = hd.seg.Segmentation(
@@ -415,7 +420,9 @@ def write_seg(path: str | os.PathLike, series_folder: str | os.PathLike, metas: 
         sop_instance_uid=generate_uid(entropy_srcs=["kts-seg-sop", source_series, content]),
         instance_number=1, manufacturer="kts", manufacturer_model_name="kts CU-Net + Mask R-CNN",
         software_versions=str(kts_version), device_serial_number="0",
-        series_description="kts kidney and tumour segmentation", content_label="KTS_SEG",
+        series_description=("kts PROPOSED kidney masks - unreviewed, correct before use" if proposal
+                            else "kts kidney and tumour segmentation"),
+        content_label="KTS_PROPOSAL" if proposal else "KTS_SEG",
     )
     # highdicom draws DimensionOrganizationUID at random: derive it too, so equal input gives equal UIDs
     dim_uid = generate_uid(entropy_srcs=["kts-seg-dimension", source_series, content])

@@ -106,7 +106,7 @@ LAYERS = (
     ("masks",),
     ("data",),
     ("phantom", "train", "maskrcnn"),
-    ("manifest", "cascade", "reference", "runs", "plots"),
+    ("manifest", "cascade", "reference", "runs", "plots", "proposals"),
     ("fetch", "pretrain", "explorer"),
     ("workflow",),
     ("study", "contrasts"),
