@@ -76,7 +76,7 @@ def median_of_repeats(values: Sequence[float], unit: str) -> dict[str, Any]:
     """A figure: its repeats, their median, and the unit."""
     values = [float(v) for v in values]
     if not values:
-        raise ValueError("summarize needs at least one repeat")
+        raise ValueError("median_of_repeats needs at least one repeat")
     return {"repeats": [round(v, 6) for v in values], "median": round(statistics.median(values), 6),
             "min": round(min(values), 6), "max": round(max(values), 6), "unit": unit}
 

@@ -88,10 +88,10 @@ class Profile:
     # unseen MR contrasts (notebook 07): the weightings left out, one CU-Net each
     contrasts_left_out: tuple[str, ...] = ("t1_post", "t2", "t1_pre")
 
-    def cunet_config(self, epochs: int | None = None, intensity: str = "none") -> TrainConfig:
+    def cunet_config(self, epochs: int | None = None, intensity: str | None = None) -> TrainConfig:
         """The profile's CU-Net recipe (section IV), with another epoch budget or intensity recipe if given."""
         return dataclasses.replace(self.cunet_training, epochs=epochs or self.cunet_training.epochs,
-                                   intensity=intensity)
+                                   intensity=intensity or self.cunet_training.intensity)
 
 
 PROFILES: dict[str, Profile] = {
@@ -177,7 +177,7 @@ def results_dir(profile: str | None = None) -> Path:
 
 
 def work_dir(profile: str | None = None) -> Path:
-    """Checkpoints and histories: ``$KTS_WORK_DIR``, else ``<checkout>/work/<profile>``."""
+    """Checkpoints and histories: ``$KTS_WORK_DIR``, else ``<checkout>/work`` (paper) or ``work/<profile>``."""
     return _folder(WORK_ENV, "work", profile or "paper")
 
 

@@ -55,7 +55,8 @@ def run_one(dataset, held_out: str, seed: int, profile: Profile, work_dir: str |
     :func:`kts.runs.resumable`).
 
     ``intensity``: ``"none"`` is the paper's recipe; ``"random_lut"`` adds random intensity
-    curves to training (``kts.train.random_lut``), the usual remedy for unseen contrasts.
+    curves to training (``kts.train.random_lut``), the usual remedy for unseen contrasts;
+    ``"synth"`` re-synthesises training images from the phantom's tissue label maps (``kts.synth``).
     """
     from kts.runs import resumable
 

@@ -270,7 +270,7 @@ def _read_json(path: Path) -> dict:
 
 
 def _generator_version(info: dict) -> str:
-    """"kts.phantom 1.1.0" from a phantom folder's ``phantom.json`` (written by ``phantom.write_phantom``)."""
+    """"kts.phantom 1.1.0" from a phantom folder's ``phantom.json`` (written by ``phantom.write_dataset``)."""
     return f"{info.get('generator', 'kts.phantom')} {info.get('generator_version', '')}".strip()
 
 

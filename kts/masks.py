@@ -86,6 +86,10 @@ def renumber(labels: np.ndarray, min_pixels: int = 1) -> np.ndarray:
     from skimage.segmentation import relabel_sequential
 
     labels = np.asarray(labels)
+    if not np.issubdtype(labels.dtype, np.integer):
+        if labels.dtype != bool and not np.array_equal(labels, np.round(labels)):
+            raise ValueError(f"renumber takes integer instance labels; got {labels.dtype} values that are not whole")
+        labels = labels.astype(np.int64)
     if min_pixels > 1:
         ids, counts = np.unique(labels, return_counts=True)
         labels = np.where(np.isin(labels, ids[(ids != 0) & (counts < min_pixels)]), 0, labels)

@@ -302,14 +302,16 @@ def replace_block(text: str, name: str, body: str) -> str:
     return f"{head}{start}\n{body.rstrip()}\n{end}{tail}"
 
 
-# The figures kts aims for (README "What good looks like"): what, target, comparison, threshold.
+# The figures kts aims for on the phantom (the issues' goals): key, what, comparison, threshold.
 GOALS: tuple[tuple[str, str, str, float], ...] = (
     ("kidney_dice", "kidney Dice, held-out slices (Table I, each partition)", ">=", 0.95),
     ("tumour_dice", "tumour Dice, held-out slices (Table I, each partition)", ">=", 0.85),
     ("instance_f1", "tumour instance F1 at IoU 0.5 (Table I, each partition)", ">=", 0.90),
     ("maskrcnn_over_reference", "Mask R-CNN tumour Dice / the dense reference's (held-out crops, pooled)", ">=", 0.95),
-    ("unseen_contrast_dice", "kidney Dice on a left-out MR weighting (notebook 07, best recipe)", ">=", 0.90),
-    ("paper_min_per_seed", "paper profile: minutes per seed of the split study (notebook 05)", "<=", 60),
+    ("unseen_contrast_dice", "kidney Dice on a left-out MR weighting (notebook 07: the best recipe, on its "
+     "worst left-out weighting)", ">=", 0.90),
+    ("paper_min_per_seed", "paper profile: minutes per seed of the split study (notebooks 02 + 03 + 05 per seed: "
+     "02-03 train 05's TD-70%/VD-6% models; 03 also trains its comparisons, so this is an upper bound)", "<=", 60),
 )
 
 
@@ -338,12 +340,14 @@ def goal_values(results: str | os.PathLike) -> dict[str, dict[str, Any]]:
             measured["maskrcnn_over_reference"] = [float(ours[0] / reference[0])]
     if (results / "contrasts.csv").exists():
         contrasts = pd.read_csv(results / "contrasts.csv")
-        measured["unseen_contrast_dice"] = [float(contrasts["test_unseen_dice"].max())]
+        worst = contrasts.groupby("intensity")["test_unseen_dice"].min()
+        measured["unseen_contrast_dice"] = [float(worst.max())]
     metrics = json.loads((results / "metrics.json").read_text()) if (results / "metrics.json").exists() else {}
-    study_s = metrics.get("provenance", {}).get("wall_s_per_notebook", {}).get("05_table1_split_study")
+    walls = metrics.get("provenance", {}).get("wall_s_per_notebook", {})
     n_seeds = metrics.get("notebooks", {}).get("05_table1_split_study", {}).get("n_seeds")
-    if study_s and n_seeds:
-        measured["paper_min_per_seed"] = [study_s / 60 / n_seeds]
+    parts = [walls.get(k) for k in ("02_train_cunet", "03_train_maskrcnn", "05_table1_split_study")]
+    if all(parts) and n_seeds and metrics.get("provenance", {}).get("profile") == "paper":
+        measured["paper_min_per_seed"] = [sum(parts) / 60 / n_seeds]
     out = {}
     for key, what, comparison, threshold in GOALS:
         values = measured.get(key)

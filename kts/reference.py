@@ -170,7 +170,8 @@ def train_dense_reference(train_crops, train_labels, val_crops, val_labels, out_
 
     result = train_cunet((dihedral_rotations(x), dihedral_rotations(tumour.astype(np.uint8))),
                          (vx, (vy > 0).astype(np.uint8)), out, model_kwargs={"z": z}, config=config,
-                         seed=seed, resume=resume, verbose=verbose, progress=progress)
+                         seed=seed, resume=resume, verbose=verbose,
+                         progress="dense reference epochs" if progress else False)
     kts_io.write_json(out / REFERENCE_FILE, {**settings, "epochs": epochs, "best_epoch": result.best_epoch,
                                              "epochs_run": int(len(result.history)),
                                              "stopped_early": result.stopped_early})

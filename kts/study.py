@@ -54,7 +54,7 @@ def _train_and_score(dataset, partition: str, seed: int, profile: Profile, run_d
 
     splits = data.split_partition(dataset.index, partition, seed=seed)
     data.save_splits(run_dir / "splits.json", {run_dir.name: splits})
-    kidney = workflow.train_kidney_stage(dataset, splits, profile, run_dir / "cunet", seed=seed)
+    kidney = workflow.train_kidney_stage(dataset, splits, profile, run_dir / "cunet", seed=seed, progress=progress)
     tumour_model, _ = workflow.train_tumour_stage(dataset, splits, profile, run_dir / "maskrcnn", seed=seed,
                                                   progress=progress, validate=False)
     test = dataset.subset(splits["test"])

@@ -109,8 +109,7 @@ def synthesise(labels, mask, seed, n_labels: int, config: SynthConfig = DEFAULT)
     import tensorflow as tf
 
     c = config
-    seed = tf.cast(seed, tf.int64)
-    key = [seed + tf.constant([0, k], tf.int64) for k in range(16)]
+    key = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 16)  # 16 independent streams
     height, width = labels.shape[0], labels.shape[1]
     frame = float(max(height, width)) / 320.0  # pixel ranges are given for a 320 frame
 

@@ -136,13 +136,16 @@ def make_dataset(images, masks, batch_size: int, seed: int, flip: str = "horizon
                 coin = tf.random.stateless_uniform([], seed=item_seed + 1)
                 xi = tf.where(coin < 0.5, random_lut(xi, item_seed), xi)
             if intensity == "synth":
-                item_seed = tf.stack([tf.cast(seed, tf.int64) * 1_000_003 + epoch, i])
+                # the item's own streams: (seed, epoch, item) folded, then split for the coin and the draw
+                item_seed = tf.random.experimental.stateless_fold_in(
+                    tf.stack([tf.cast(seed, tf.int64), epoch]), i)
+                coin_seed, draw_seed = tf.unstack(tf.random.experimental.stateless_split(item_seed, 2))
                 labels = tf.gather(tissue, j)
                 if augment:
                     labels = tf.where(i >= n, tf.reverse(labels, [axis - 1]), labels)
-                coin = tf.random.stateless_uniform([], seed=item_seed + 1)
+                coin = tf.random.stateless_uniform([], seed=coin_seed)
                 xi, yi = tf.cond(coin < synth_config.p_synthetic,
-                                 lambda: synth.synthesise(labels, yi, item_seed + 2, n_labels, synth_config),
+                                 lambda: synth.synthesise(labels, yi, draw_seed, n_labels, synth_config),
                                  lambda: (xi, yi))
             return xi, yi
 
@@ -198,7 +201,7 @@ def _check_pair(images, masks, what: str) -> None:
 
 def train_cunet(train: tuple, validation: tuple | None, out_dir: str | os.PathLike, *,
                 model_kwargs: dict | None = None, config: TrainConfig = TrainConfig(), seed: int = 0,
-                strategy=None, resume: bool = False, verbose: int = 0, progress: bool = False,
+                strategy=None, resume: bool = False, verbose: int = 0, progress: bool | str = False,
                 tissue_labels=None) -> TrainResult:
     """Train a CU-Net with the paper's recipe (section IV); return the best model and its history.
 
@@ -208,7 +211,8 @@ def train_cunet(train: tuple, validation: tuple | None, out_dir: str | os.PathLi
     optional ``tf.distribute.Strategy`` (e.g. ``MirroredStrategy`` over several GPUs) under whose
     scope the model is built and trained. ``resume=True`` continues from ``out_dir/last.keras``
     and ends where an uninterrupted run would have ended. ``progress=True`` shows one bar over
-    the epochs (:class:`EpochProgress`) with the loss and the monitored value. ``tissue_labels``
+    the epochs (:class:`EpochProgress`) with the loss and the monitored value (a string: the bar's
+    label). ``tissue_labels``
     (int [N, H, W], aligned with the training images) feed ``config.intensity="synth"``.
     """
     from kts.cunet import build_cunet
@@ -252,7 +256,8 @@ def train_cunet(train: tuple, validation: tuple | None, out_dir: str | os.PathLi
     callbacks = _callbacks(out_dir, config, seed, state, history_rows)
     checkpoint_cb = callbacks[-1]
     if progress:
-        callbacks = callbacks + [EpochProgress(config.epochs, first_epoch, config.monitor)]
+        label = progress if isinstance(progress, str) else "CU-Net epochs"
+        callbacks = callbacks + [EpochProgress(config.epochs, first_epoch, config.monitor, desc=label)]
     val_x, val_y = prepare_inputs(validation[0]), prepare_masks(validation[1])
     dataset = make_dataset(images, masks, config.batch_size, seed, config.flip,
                            first_epoch=first_epoch, epochs=config.epochs - first_epoch, intensity=config.intensity,

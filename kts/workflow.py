@@ -156,7 +156,8 @@ def train_tumour_stage(dataset, splits: dict, profile: Profile, out_dir: str | o
     write_json(done, {"history": history, "timing": getattr(model, "timing", {}), "init": init,
                       "score_threshold": model.score_threshold, "threshold_chosen_on_validation": choice["chosen"],
                       "n_train_crops": int(len(train_crops)), "n_val_crops": int(len(val_crops)),
-                      "anchor_positives": {"n_tumours": int(positives.size),
+                      # one count per tumour instance in each training crop (each kidney is cut twice)
+                      "anchor_positives": {"n_instances": int(positives.size),
                                            "median": float(np.median(positives)) if positives.size else None,
                                            "share_with_none": float(np.mean(positives == 0)) if positives.size
                                            else None}})

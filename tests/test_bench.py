@@ -14,7 +14,7 @@ import pytest
 from kts import bench
 
 
-def test_summarize_median_and_repeats():
+def test_median_of_repeats():
     figure = bench.median_of_repeats([3.0, 1.0, 2.0], "img/s")
     assert figure["median"] == 2.0
     assert figure["repeats"] == [3.0, 1.0, 2.0]

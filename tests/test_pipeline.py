@@ -150,8 +150,9 @@ def test_split_study_scores_the_models_of_notebooks_02_to_04(metrics):
     info = json.loads((run / "maskrcnn" / "history.json").read_text())
     assert any("val_f1" in step for step in info["history"])  # trained by notebook 03 (it validates), not the study
     # issue 12: every tumour size gets several positive RPN anchors (quick profile: median 9, 3.75% with none)
-    positives = info["anchor_positives"]
-    assert positives["n_tumours"] > 10 and positives["median"] >= 3 and positives["share_with_none"] <= 0.15, positives
+    positives = info.get("anchor_positives")
+    assert positives, f"{run}: history.json without anchor_positives (written by an older kts? delete KTS_TEST_BASE)"
+    assert positives["n_instances"] > 10 and positives["median"] >= 3 and positives["share_with_none"] <= 0.15, positives
 
 
 @pytest.mark.slow

@@ -1,5 +1,4 @@
 """kts propose: kidney-mask proposals for a series without masks, as a DICOM-SEG marked unreviewed (issue 16)."""
-import numpy as np
 import pydicom
 import pytest
 
