@@ -37,7 +37,7 @@ _LAZY = {
 }
 _SUBMODULES = {"cascade", "cunet", "data", "fetch", "manifest", "maskrcnn", "masks", "metrics",
                "phantom", "plots", "study", "train", "config", "errors", "io", "pipeline", "bench",
-               "workflow", "cli", "contrasts", "reference", "pretrain", "explorer"}
+               "workflow", "cli", "contrasts", "reference", "pretrain", "explorer", "runs", "dicom", "synth", "proposals"}
 
 __all__ = ["build_cunet", "TumorMaskRCNN", "print_config", "__version__"]
 

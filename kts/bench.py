@@ -45,8 +45,16 @@ SECTIONS = ("ceiling", "cunet", "variations", "torch", "input_pipeline", "maskrc
             "e2e_quick", "e2e_paper")
 DEFAULT_SECTIONS = tuple(s for s in SECTIONS if s != "e2e_paper")
 QUICK_SECTIONS = ("ceiling", "cunet", "input_pipeline", "data")
-PAPER_CUNET = dict(size=320, z=16, batch=4)
-QUICK_CUNET = dict(size=128, z=8, batch=4)
+
+
+def cunet_settings(profile: str) -> dict[str, int]:
+    """The CU-Net a profile trains (``kts.config.PROFILES``): input size, z and batch."""
+    from kts import config
+
+    p = config.get_profile(profile)
+    return dict(size=p.image_size, z=p.cunet_base_filters, batch=p.cunet_training.batch_size)
+
+
 PAPER_CUNET_PARAMS = 2_164_305
 GOALS = {
     "cunet_train_fraction_of_ceiling": (">=", 0.60),
@@ -64,11 +72,11 @@ SINGLE_CORE_ENV = {"TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1",
 
 # ----------------------------------------------------------------------------- small helpers
 
-def summarize(values: Sequence[float], unit: str) -> dict[str, Any]:
+def median_of_repeats(values: Sequence[float], unit: str) -> dict[str, Any]:
     """A figure: its repeats, their median, and the unit."""
     values = [float(v) for v in values]
     if not values:
-        raise ValueError("summarize needs at least one repeat")
+        raise ValueError("median_of_repeats needs at least one repeat")
     return {"repeats": [round(v, 6) for v in values], "median": round(statistics.median(values), 6),
             "min": round(min(values), 6), "max": round(max(values), 6), "unit": unit}
 
@@ -310,17 +318,9 @@ def task_matmul(n: int, warmup: int, repeats: int, libraries: Sequence[str] = ("
 
 
 def _compile(model, jit_compile: bool = False):
-    import keras
-
     from kts.train import compile_cunet
 
-    if not jit_compile:
-        compile_cunet(model, 1e-3)
-    else:
-        model.compile(optimizer=keras.optimizers.Adam(learning_rate=1e-3), loss=keras.losses.BinaryCrossentropy(),
-                      metrics=[keras.metrics.BinaryAccuracy(name="accuracy"),
-                               keras.metrics.BinaryIoU(target_class_ids=[1], threshold=0.5, name="iou")],
-                      jit_compile=True)
+    compile_cunet(model, 1e-3, jit_compile=True if jit_compile else "auto")
 
 
 def task_cunet(size: int, z: int, batch: int, warmup: int, repeats: int, modes: Sequence[str] = ("train", "infer"),
@@ -374,6 +374,8 @@ def _layer_times(model, batch: int, warmup: int, repeats: int) -> list[dict]:
     import tensorflow as tf
     from keras import layers
 
+    from kts.cunet import layer_flops
+
     rows = []
     probe = tf.constant(np.zeros((batch, 8, 8, 1), np.float32))
     noop = tf.function(lambda t: t * 2.0)  # what one call costs without the work: subtracted
@@ -383,18 +385,14 @@ def _layer_times(model, batch: int, warmup: int, repeats: int) -> list[dict]:
             continue
         in_shape = tuple(layer.input.shape[1:])
         out_shape = tuple(layer.output.shape[1:])
-        kh, kw = layer.kernel_size
-        if isinstance(layer, layers.Conv2DTranspose):
-            macs = in_shape[0] * in_shape[1] * in_shape[2] * kh * kw * out_shape[2]
-        else:
-            macs = out_shape[0] * out_shape[1] * out_shape[2] * kh * kw * in_shape[2]
+        flops = layer_flops(layer) * batch
         x = tf.constant(np.random.default_rng(0).random((batch, *in_shape), dtype=np.float32))
         fn = tf.function(lambda t, layer=layer: layer(t))
         seconds = statistics.median(time_repeats(lambda: fn(x).numpy(), warmup, repeats, 0.05))
         seconds = max(seconds - overhead, 0.05 * seconds)
         rows.append({"layer": layer.name, "input": list(in_shape), "output": list(out_shape),
-                     "gflop": round(2 * macs * batch / 1e9, 5), "ms": round(seconds * 1e3, 3),
-                     "gflops_per_s": round(2 * macs * batch / seconds / 1e9, 2)})
+                     "gflop": round(flops / 1e9, 5), "ms": round(seconds * 1e3, 3),
+                     "gflops_per_s": round(flops / seconds / 1e9, 2)})
     return rows
 
 
@@ -470,7 +468,7 @@ def task_maskrcnn(profiles: Sequence[str], steps: int, n_crops: int, warmup: int
 def task_data(n_cases: int, repeats: int, workdir: str) -> dict:
     """Slices per second: phantom generation, writing it as DICOM + PNG masks, ``read_series``
     of every case and ``build_dataset`` (extraction, normalisation, resize; no cache)."""
-    from kts import data, phantom
+    from kts import data, dicom, phantom
 
     out: dict[str, list] = {"generate": [], "write": [], "read_series": [], "build_dataset": []}
     n_slices = 0
@@ -485,7 +483,7 @@ def task_data(n_cases: int, repeats: int, workdir: str) -> dict:
         out["write"].append(n_slices / (time.perf_counter() - t0))
         cases = sorted(p for p in root.iterdir() if p.is_dir() and (p / "dicom").is_dir())
         t0 = time.perf_counter()
-        read = sum(len(data.read_series(case / "dicom")[1]) for case in cases)
+        read = sum(len(dicom.read_series(case / "dicom")[1]) for case in cases)
         out["read_series"].append(read / (time.perf_counter() - t0))
         t0 = time.perf_counter()
         ds = data.build_dataset(root, image_size=320)
@@ -631,7 +629,7 @@ def spawn(tasks: list[dict], env: dict[str, str] | None = None, threads: dict | 
 # ----------------------------------------------------------------------------- sections
 
 def _settings(quick: bool) -> dict[str, Any]:
-    cunet = QUICK_CUNET if quick else PAPER_CUNET
+    cunet = cunet_settings("quick" if quick else "paper")
     return {"warmup": 1 if quick else 2, "repeats": 3 if quick else 5, "matmul_n": 1024 if quick else 4096,
             "cunet_size": cunet["size"], "cunet_z": cunet["z"], "cunet_batch": cunet["batch"],
             "pipeline_images": 8 if quick else 24, "pipeline_steps": 3 if quick else 12,
@@ -673,8 +671,8 @@ def section_ceiling(s: dict) -> dict:
         if not r.get("ok"):
             out["skipped"] = f"{label}: {r['error']}"
             continue
-        out[f"tf_{label}"] = summarize(r["value"]["tensorflow"], "GFLOP/s")
-        out[f"numpy_{label}"] = summarize(r["value"]["numpy"], "GFLOP/s")
+        out[f"tf_{label}"] = median_of_repeats(r["value"]["tensorflow"], "GFLOP/s")
+        out[f"numpy_{label}"] = median_of_repeats(r["value"]["numpy"], "GFLOP/s")
     return out
 
 
@@ -704,7 +702,7 @@ def _spawn_one(out: dict, tasks: list) -> dict | None:
 def section_cunet(s: dict, ceiling: float | None) -> dict:
     out = _skipped_template(CUNET_KEYS, None)
     out.update(input_size=s["cunet_size"], z=s["cunet_z"], batch_size=s["cunet_batch"],
-               paper_settings=(s["cunet_size"], s["cunet_z"], s["cunet_batch"]) == tuple(PAPER_CUNET.values()))
+               paper_settings=(s["cunet_size"], s["cunet_z"], s["cunet_batch"]) == tuple(cunet_settings("paper").values()))
     v = _spawn_one(out, [_cunet_task(s, flops=True, layers=True)])
     if v is None:
         return out
@@ -712,8 +710,8 @@ def section_cunet(s: dict, ceiling: float | None) -> dict:
                 "train_first_call_s", "infer_first_call_s"):
         out[key] = v.get(key)
     out["flops_profiler_over_analytic"] = round(v["flops_forward_profiler"] / v["flops_forward_analytic"], 5)
-    out["train_images_per_s"] = summarize(v["train_images_per_s"], "images/s")
-    out["infer_images_per_s"] = summarize(v["infer_images_per_s"], "images/s")
+    out["train_images_per_s"] = median_of_repeats(v["train_images_per_s"], "images/s")
+    out["infer_images_per_s"] = median_of_repeats(v["infer_images_per_s"], "images/s")
     flops = v["flops_forward_analytic"]
     out["train_gflops_per_s"], out["train_fraction_of_ceiling"] = _fraction(out["train_images_per_s"], flops, 3, ceiling)
     out["infer_gflops_per_s"], out["infer_fraction_of_ceiling"] = _fraction(out["infer_images_per_s"], flops, 1, ceiling)
@@ -785,8 +783,8 @@ def section_variations(s: dict, ceiling: float | None, flops: int | None, baseli
         row = {"name": name, "env": env, "batch": batch, "train_images_per_s": None, "infer_images_per_s": None,
                "train_fraction_of_ceiling": None, "infer_fraction_of_ceiling": None, "error": None}
         if r.get("ok"):
-            row["train_images_per_s"] = summarize(r["value"]["train_images_per_s"], "images/s")
-            row["infer_images_per_s"] = summarize(r["value"]["infer_images_per_s"], "images/s")
+            row["train_images_per_s"] = median_of_repeats(r["value"]["train_images_per_s"], "images/s")
+            row["infer_images_per_s"] = median_of_repeats(r["value"]["infer_images_per_s"], "images/s")
             row["train_fraction_of_ceiling"] = _fraction(row["train_images_per_s"], flops, 3, ceiling)[1]
             row["infer_fraction_of_ceiling"] = _fraction(row["infer_images_per_s"], flops, 1, ceiling)[1]
         else:
@@ -814,8 +812,8 @@ def section_torch(s: dict, cunet: dict) -> dict:
     if v is None:
         return out
     out.update(version=v["version"], threads=v["threads"], params=v["params"],
-               train_images_per_s=summarize(v["train_images_per_s"], "images/s"),
-               infer_images_per_s=summarize(v["infer_images_per_s"], "images/s"))
+               train_images_per_s=median_of_repeats(v["train_images_per_s"], "images/s"),
+               infer_images_per_s=median_of_repeats(v["infer_images_per_s"], "images/s"))
     for mode in ("train", "infer"):
         kts_rate = median_of(cunet.get(f"{mode}_images_per_s"))
         if kts_rate:
@@ -832,8 +830,8 @@ def section_input_pipeline(s: dict) -> dict:
         "steps": s["pipeline_steps"], "repeats": s["repeats"]}}])
     if v is None:
         return out
-    out["pipeline_s_per_step"] = summarize(v["pipeline"], "s/step")
-    out["tensors_s_per_step"] = summarize(v["tensors"], "s/step")
+    out["pipeline_s_per_step"] = median_of_repeats(v["pipeline"], "s/step")
+    out["tensors_s_per_step"] = median_of_repeats(v["tensors"], "s/step")
     paired = [a / b - 1 for a, b in zip(v["pipeline"], v["tensors"])]
     out["overhead_pct"] = round(statistics.median(paired) * 100, 2)  # median of the alternated pairs
     return out
@@ -841,11 +839,6 @@ def section_input_pipeline(s: dict) -> dict:
 
 def section_maskrcnn(s: dict) -> dict:
     out = _skipped_template(MASKRCNN_KEYS, None)
-    import importlib.util
-
-    if importlib.util.find_spec("kts.maskrcnn") is None:
-        out["skipped"] = "kts.maskrcnn is not there yet"
-        return out
     tasks = [{"name": "maskrcnn", "params": {"profiles": [name], "steps": s["maskrcnn_steps"],
                                              "n_crops": s["maskrcnn_crops"], "warmup": 1,
                                              "repeats": s["repeats"]}} for name in ("quick", "paper")]
@@ -859,7 +852,7 @@ def section_maskrcnn(s: dict) -> dict:
             errors.append(f"{name}: {r['error']}")
             continue
         v = dict(r["value"][name])
-        v["ms_per_crop"] = summarize(v["ms_per_crop"], "ms/crop")
+        v["ms_per_crop"] = median_of_repeats(v["ms_per_crop"], "ms/crop")
         for key in ("seconds_per_step", "first_step_s", "first_predict_s"):
             v[key] = round(v[key], 4)
         v["note"] = "seconds_per_step: mean over the steps after the first (TumorMaskRCNN.timing)"
@@ -871,12 +864,6 @@ def section_maskrcnn(s: dict) -> dict:
 
 def section_data(s: dict) -> dict:
     out = _skipped_template(DATA_KEYS, None)
-    import importlib.util
-
-    missing = [m for m in ("kts.phantom", "kts.data") if importlib.util.find_spec(m) is None]
-    if missing:
-        out["skipped"] = f"{', '.join(missing)} not there yet"
-        return out
     with tempfile.TemporaryDirectory(prefix="kts-bench-data-") as tmp:
         v = _spawn_one(out, [{"name": "data", "params": {"n_cases": s["data_cases"], "repeats": s["data_repeats"],
                                                  "workdir": tmp}}])
@@ -884,7 +871,7 @@ def section_data(s: dict) -> dict:
         return out
     out.update(n_cases=v["n_cases"], n_slices=v["n_slices"])
     for key in ("generate", "write", "read_series", "build_dataset"):
-        out[f"{key}_slices_per_s"] = summarize(v[key], "slices/s")
+        out[f"{key}_slices_per_s"] = median_of_repeats(v[key], "slices/s")
     return out
 
 
@@ -945,13 +932,8 @@ def run_measured(command: Sequence[str], timeout: float, env: dict | None = None
 def section_e2e(profile: str, timeout: float) -> dict:
     out = _skipped_template(E2E_KEYS, None)
     out["profile"] = profile
-    import importlib.util
-
     from kts import config
 
-    if importlib.util.find_spec("kts.pipeline") is None:
-        out["skipped"] = "kts.pipeline is not there yet"
-        return out
     with tempfile.TemporaryDirectory(prefix=f"kts-bench-e2e-{profile}-") as tmp:
         folders = {name: str(Path(tmp) / name) for name in ("results", "runs", "work", "data")}
         command = [sys.executable, "-m", "kts", "run", "--profile", profile, "--force",

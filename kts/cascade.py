@@ -18,6 +18,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from kts.data import resize_mask
+from kts.masks import renumber
+
 MODES = ("crops", "masked_image")
 Box = tuple[int, int, int, int]  # (y0, x0, y1, x1), half-open, slice pixels
 
@@ -114,14 +117,6 @@ def extract_crops(image: Any, boxes: Sequence[Sequence[int]], crop_size: int) ->
     return np.asarray(crops, np.float32).reshape(-1, size, size)
 
 
-def _nearest(array: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour resize by pixel-centre sampling (labels stay labels)."""
-    h, w = array.shape
-    rows = np.minimum(((np.arange(shape[0]) + 0.5) * h / shape[0]).astype(int), h - 1)
-    cols = np.minimum(((np.arange(shape[1]) + 0.5) * w / shape[1]).astype(int), w - 1)
-    return array[rows[:, None], cols[None, :]]
-
-
 def extract_label_crops(label_map: Any, boxes: Sequence[Sequence[int]], crop_size: int,
                         min_pixels: int = 4) -> np.ndarray:
     """Label-map crops for the boxes (nearest neighbour), instances renumbered 1..n per crop.
@@ -135,20 +130,7 @@ def extract_label_crops(label_map: Any, boxes: Sequence[Sequence[int]], crop_siz
         raise ValueError(f"label map must be 2-D [H, W]; got shape {labels.shape}")
     out = np.zeros((len(boxes), size, size), np.uint16)
     for k, (y0, x0, y1, x1) in enumerate(_check_boxes(boxes, labels.shape)):
-        out[k] = _renumber(_nearest(labels[y0:y1, x0:x1], (size, size)), min_pixels)
-    return out
-
-
-def _renumber(labels: np.ndarray, min_pixels: int = 1) -> np.ndarray:
-    out = np.zeros(labels.shape, np.uint16)
-    n = 0
-    for i in np.unique(labels):
-        if i == 0:
-            continue
-        region = labels == i
-        if region.sum() >= min_pixels:
-            n += 1
-            out[region] = n
+        out[k] = renumber(resize_mask(labels[y0:y1, x0:x1], (size, size)), min_pixels)
     return out
 
 
@@ -372,11 +354,10 @@ def _restrict(labels: np.ndarray, records: list[dict[str, Any]], kidney: np.ndar
     kept = np.where(kidney > 0, labels, 0)
     old_ids = [int(i) for i in np.unique(kept) if i != 0]
     by_label = {r["label"]: r for r in records}
-    out = np.zeros(labels.shape, np.uint16)
+    out = renumber(kept)
     new_records = []
     for new, old in enumerate(old_ids, start=1):
-        region = kept == old
-        out[region] = new
+        region = out == new
         rows, cols = np.nonzero(region)
         new_records.append({**by_label[old], "label": new, "box": (int(rows.min()), int(cols.min()),
                                                                    int(rows.max()) + 1, int(cols.max()) + 1)})

@@ -1,4 +1,4 @@
-"""The ``kts`` command: ``kts run`` (the notebooks), ``kts fetch`` (real data), ``kts manifest``, ``kts bench``, ``kts pretrain``, ``kts students``, ``kts publish``."""
+"""The ``kts`` command: ``kts run`` (the notebooks), ``kts fetch`` (real data), ``kts manifest``, ``kts bench``, ``kts pretrain``, ``kts students``, ``kts publish``, ``kts propose``."""
 from __future__ import annotations
 
 import sys
@@ -14,9 +14,10 @@ def main(argv: list[str] | None = None) -> int:
         "pretrain": ("kts.pretrain", "pretrain the tumour stage's Mask R-CNN on a synthetic corpus"),
         "students": ("kts.teaching", "write student copies of the notebooks, without solutions"),
         "publish": ("kts.publish", "make a run's executed notebooks readable on the forge (docs/executed)"),
+        "propose": ("kts.proposals", "draft kidney masks for an MR series as a DICOM-SEG, for review"),
     }
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
-        print("usage: kts {run,fetch,manifest,bench,pretrain,students,publish} [options]\n")
+        print("usage: kts {run,fetch,manifest,bench,pretrain,students,publish,propose} [options]\n")
         for name, (_, text) in commands.items():
             print(f"  {name:<9} {text}")
         return 0 if argv and argv[0] in ("-h", "--help") else 2

@@ -27,6 +27,46 @@ WORK_ENV = "KTS_WORK_DIR"
 SOURCE_ENV = "KTS_SOURCE_ROOT"  # a data folder in kts' on-disk layout to use instead of the phantom
 
 
+FLIPS = ("horizontal", "vertical")
+INTENSITY = ("none", "random_lut", "synth")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The CU-Net training recipe of section IV (``kts.train.train_cunet``); each profile holds one.
+
+    Defaults are the paper profile's (errata E10 for values the paper leaves open)."""
+
+    epochs: int = 100
+    batch_size: int = 4
+    learning_rate: float = 1e-3
+    flip: str = "horizontal"           # the flip that doubles the training set (section IV)
+    early_stopping_patience: int = 10  # EarlyStopping on val_loss, restore_best_weights
+    reduce_lr_patience: int = 5        # ReduceLROnPlateau on val_loss
+    reduce_lr_factor: float = 0.5
+    min_learning_rate: float = 1e-6
+    monitor: str = "val_loss"
+    # Not in the paper (section IV: "flips and other techniques"): "random_lut" passes half of the
+    # training images through a random smooth intensity curve, so the CU-Net cannot lean on one
+    # MR weighting's grey levels (notebook 07 measures what it buys on an unseen contrast);
+    # "synth" re-synthesises training images from their tissue label maps (kts.synth, SynthSeg).
+    intensity: str = "none"
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size", "early_stopping_patience", "reduce_lr_patience"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not (isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0):
+            raise ValueError(f"learning_rate must be a positive number, got {self.learning_rate!r}")
+        if self.flip not in FLIPS:
+            raise ValueError(f"flip must be one of {FLIPS}, got {self.flip!r}")
+        if self.intensity not in INTENSITY:
+            raise ValueError(f"intensity must be one of {INTENSITY}, got {self.intensity!r}")
+        if not 0 < self.reduce_lr_factor < 1:
+            raise ValueError(f"reduce_lr_factor must be in (0, 1), got {self.reduce_lr_factor!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class Profile:
     """Every size and length a notebook needs; see ``PROFILES`` for the two values."""
@@ -39,11 +79,8 @@ class Profile:
     image_size: int
     # CU-Net (Algorithm 1) and its training recipe (section IV)
     cunet_base_filters: int  # z
-    cunet_epochs: int
-    cunet_batch_size: int
-    early_stopping_patience: int
-    reduce_lr_patience: int
-    # Mask R-CNN (section III.B)
+    cunet_training: TrainConfig
+    # Mask R-CNN (section III.B): the name of its kts.maskrcnn.MaskRCNNConfig, and its steps
     maskrcnn_profile: str
     maskrcnn_steps: int
     # Table I split study
@@ -51,18 +88,21 @@ class Profile:
     # unseen MR contrasts (notebook 07): the weightings left out, one CU-Net each
     contrasts_left_out: tuple[str, ...] = ("t1_post", "t2", "t1_pre")
 
+    def cunet_config(self, epochs: int | None = None, intensity: str | None = None) -> TrainConfig:
+        """The profile's CU-Net recipe (section IV), with another epoch budget or intensity recipe if given."""
+        return dataclasses.replace(self.cunet_training, epochs=epochs or self.cunet_training.epochs,
+                                   intensity=intensity or self.cunet_training.intensity)
+
 
 PROFILES: dict[str, Profile] = {
     "paper": Profile(
-        name="paper", n_cases=30, slices_per_case=1, difficulty="paper", image_size=320,
-        cunet_base_filters=16, cunet_epochs=100, cunet_batch_size=4,
-        early_stopping_patience=10, reduce_lr_patience=5,
+        name="paper", n_cases=30, slices_per_case=1, difficulty="paper", image_size=320, cunet_base_filters=16,
+        cunet_training=TrainConfig(epochs=100, batch_size=4, early_stopping_patience=10, reduce_lr_patience=5),
         maskrcnn_profile="paper", maskrcnn_steps=300, seeds=3,
     ),
     "quick": Profile(
-        name="quick", n_cases=30, slices_per_case=1, difficulty="paper", image_size=128,
-        cunet_base_filters=8, cunet_epochs=15, cunet_batch_size=4,
-        early_stopping_patience=5, reduce_lr_patience=3,
+        name="quick", n_cases=30, slices_per_case=1, difficulty="paper", image_size=128, cunet_base_filters=8,
+        cunet_training=TrainConfig(epochs=15, batch_size=4, early_stopping_patience=5, reduce_lr_patience=3),
         maskrcnn_profile="quick", maskrcnn_steps=150, seeds=1, contrasts_left_out=("t1_pre",),
     ),
 }
@@ -137,7 +177,7 @@ def results_dir(profile: str | None = None) -> Path:
 
 
 def work_dir(profile: str | None = None) -> Path:
-    """Checkpoints and histories: ``$KTS_WORK_DIR``, else ``<checkout>/work/<profile>``."""
+    """Checkpoints and histories: ``$KTS_WORK_DIR``, else ``<checkout>/work`` (paper) or ``work/<profile>``."""
     return _folder(WORK_ENV, "work", profile or "paper")
 
 

@@ -9,9 +9,7 @@ Like the split study, a finished run leaves ``metrics.json`` behind and is not r
 """
 from __future__ import annotations
 
-import json
 import os
-import time
 from pathlib import Path
 from typing import Iterable
 
@@ -53,27 +51,30 @@ def leave_one_out_splits(index, held_out: str, seed: int = 0) -> dict[str, list[
 
 def run_one(dataset, held_out: str, seed: int, profile: Profile, work_dir: str | os.PathLike,
             intensity: str = "none") -> dict:
-    """Train the CU-Net without ``held_out`` and score it on seen and unseen contrasts (resumable).
+    """Train the CU-Net without ``held_out`` and score it on seen and unseen contrasts (resumable,
+    :func:`kts.runs.resumable`).
 
     ``intensity``: ``"none"`` is the paper's recipe; ``"random_lut"`` adds random intensity
-    curves to training (``kts.train.random_lut``), the usual remedy for unseen contrasts.
+    curves to training (``kts.train.random_lut``), the usual remedy for unseen contrasts;
+    ``"synth"`` re-synthesises training images from the phantom's tissue label maps (``kts.synth``).
     """
+    from kts.runs import resumable
+
+    run_dir = Path(work_dir) / f"without-{held_out}{'' if intensity == 'none' else '-' + intensity}-seed{seed}"
+    return resumable(run_dir, lambda folder: _train_and_score(dataset, held_out, seed, profile, folder, intensity))
+
+
+def _train_and_score(dataset, held_out: str, seed: int, profile: Profile, run_dir: Path, intensity: str) -> dict:
     from kts import metrics, workflow
     from kts.train import predict_probabilities
 
-    run_dir = Path(work_dir) / f"without-{held_out}{'' if intensity == 'none' else '-' + intensity}-seed{seed}"
-    done = run_dir / "metrics.json"
-    previous = json.loads(done.read_text()) if done.exists() else None
-    if previous is not None and previous.get("scoring") == metrics.SCORING:
-        return previous
-    # not done, or scored under another rule (kts.metrics.SCORING): the finished CU-Net is reloaded, not retrained
-    started = time.perf_counter()
     splits = leave_one_out_splits(dataset.index, held_out, seed)
     kts_io.write_json(run_dir / "splits.json", splits)
     kidney = workflow.train_kidney_stage(dataset, splits, profile, run_dir / "cunet", seed=seed, intensity=intensity)
+    # scoring (and wall_s, at the end) are filled in by kts.runs.resumable; listed to keep the column order
     record = {"held_out": held_out, "intensity": intensity, "seed": seed, "profile": profile.name,
               "trained_on": sorted(set(dataset.subset(splits["train"]).index["weighting"])),
-              "n_train": len(splits["train"]), "n_val": len(splits["val"]), "scoring": metrics.SCORING}
+              "n_train": len(splits["train"]), "n_val": len(splits["val"]), "scoring": None}
     for side in ("test_seen", "test_unseen"):
         test = dataset.subset(splits[side])
         scores = metrics.summarise(predict_probabilities(kidney.model, test.images) > 0.5, test.kidney_masks)
@@ -81,36 +82,25 @@ def run_one(dataset, held_out: str, seed: int, profile: Profile, work_dir: str |
                        f"{side}_mean_dice": scores["mean_dice"],
                        f"{side}_mean_dice_n_slices": scores["mean_dice_n_images"], f"n_{side}": len(splits[side])})
     record["dice_gap"] = record["test_seen_dice"] - record["test_unseen_dice"]
-    record["wall_s"] = round(time.perf_counter() - started, 1)
-    if previous is not None and "wall_s" in previous:  # rescored: keep the training's wall time
-        record["wall_s"] = previous["wall_s"]
-    kts_io.write_json(done, record)
     return record
 
 
 def run_study(dataset, profile: Profile, held_out: Iterable[str], seed: int, work_dir: str | os.PathLike,
               intensities: Iterable[str] = ("none", "random_lut")):
     """One row per left-out weighting and training recipe: kidney Dice on seen and unseen contrasts, the gap."""
-    import pandas as pd
-
     from kts.metrics import format_metric
-    from kts.study import release_memory
+    from kts.runs import run_all
     from kts.train import INTENSITY
 
     intensities = list(intensities)
     unknown = sorted(set(intensities) - set(INTENSITY))
     if unknown:
         raise ValueError(f"unknown intensity recipes {unknown}: choose from {list(INTENSITY)}")
-    rows = []
-    for weighting, intensity in ((w, i) for w in held_out for i in intensities):
-        t0 = time.perf_counter()
-        row = run_one(dataset, weighting, seed, profile, work_dir, intensity)
-        release_memory()
-        print(f"without {weighting}, intensity {intensity}: kidney Dice {format_metric(row['test_seen_dice'])} on seen "
-              f"contrasts, {format_metric(row['test_unseen_dice'])} on {weighting} ({time.perf_counter() - t0:.0f} s)",
-              flush=True)
-        rows.append(row)
-    return pd.DataFrame(rows)
+    return run_all(((w, i) for w in held_out for i in intensities),
+                   lambda item: run_one(dataset, item[0], seed, profile, work_dir, item[1]),
+                   lambda row: (f"without {row['held_out']}, intensity {row['intensity']}: kidney Dice "
+                                f"{format_metric(row['test_seen_dice'])} on seen contrasts, "
+                                f"{format_metric(row['test_unseen_dice'])} on {row['held_out']}"))
 
 
 def to_markdown(table) -> str:

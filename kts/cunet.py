@@ -112,10 +112,9 @@ def build_cunet(
             f"resize to e.g. {(height // factor_h + 1) * factor_h}x{(width // factor_w + 1) * factor_w}")
     if not 0.0 <= float(f_rate) < 1.0:
         raise ValueError(f"f_rate (dropout rate) must be in [0, 1), got {f_rate!r}")
-    if p not in ("same", "valid"):
-        raise ValueError(f"p (padding) must be 'same' or 'valid', got {p!r}")
-    if p == "valid":
-        raise ValueError("p='valid' shrinks each convolution so skip connections no longer align; use p='same'")
+    if p != "same":
+        raise ValueError(f"p (padding) must be 'same', got {p!r}: 'valid' shrinks each convolution so the "
+                         "skip connections of Algorithm 1 no longer align")
     if not 0.0 < float(batch_norm_momentum) < 1.0:
         raise ValueError(f"batch_norm_momentum must be in (0, 1), got {batch_norm_momentum!r}")
     if output_from not in ("decoder", "input"):
@@ -160,22 +159,24 @@ def layer_table(model: keras.Model) -> list[dict]:
     return rows
 
 
+def layer_flops(layer) -> int:
+    """FLOPs (2 per multiply-accumulate) of one convolution or transposed convolution, one image."""
+    kh, kw = layer.kernel_size
+    cin = layer.input.shape[-1]
+    if isinstance(layer, layers.Conv2DTranspose):
+        in_h, in_w = layer.input.shape[1:3]
+        macs = in_h * in_w * cin * kh * kw * layer.output.shape[-1]
+    else:
+        out_h, out_w, cout = layer.output.shape[1:]
+        macs = out_h * out_w * cout * kh * kw * cin
+    return int(2 * macs)
+
+
 def forward_flops(model: keras.Model) -> int:
     """Multiply-accumulate based FLOPs (2 per MAC) of one forward pass of a single image.
 
-    Counted analytically from the convolution layers (they hold >99% of the work); the
-    benchmark cross-checks this with TensorFlow's profiler.
+    Counted analytically from the convolution layers (they hold >99% of the work, see
+    :func:`layer_flops`); the benchmark cross-checks this with TensorFlow's profiler.
     """
-    total = 0
-    for layer in model.layers:
-        if isinstance(layer, (layers.Conv2D, layers.Conv2DTranspose)):
-            kh, kw = layer.kernel_size
-            cin = layer.input.shape[-1]
-            out_h, out_w, cout = layer.output.shape[1:]
-            if isinstance(layer, layers.Conv2DTranspose):
-                in_h, in_w = layer.input.shape[1:3]
-                macs = in_h * in_w * cin * kh * kw * cout
-            else:
-                macs = out_h * out_w * cout * kh * kw * cin
-            total += 2 * macs
-    return int(total)
+    return int(sum(layer_flops(layer) for layer in model.layers
+                   if isinstance(layer, (layers.Conv2D, layers.Conv2DTranspose))))

@@ -46,8 +46,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from kts.errors import FetchError
 from kts.io import write_json, sha256_file
+from kts.manifest import TCIA_BASE_URL  # the one place the public NBIA endpoint is written
 
-TCIA_BASE_URL = "https://services.cancerimagingarchive.net/nbia-api/services/v4"
 TCIA_ENV = "KTS_TCIA_BASE_URL"
 MARKER = ".kts-verified.json"
 PARTIAL_PREFIX = ".kts-partial-"

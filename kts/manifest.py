@@ -270,12 +270,8 @@ def _read_json(path: Path) -> dict:
 
 
 def _generator_version(info: dict) -> str:
-    gen = info.get("generator")
-    if isinstance(gen, dict):
-        return f"{gen.get('name', 'kts.phantom')} {gen.get('version', '')}".strip()
-    name = info.get("generator_name") or info.get("generator") or "kts.phantom"
-    version = info.get("generator_version") or info.get("version") or ""
-    return f"{name} {version}".strip()
+    """"kts.phantom 1.1.0" from a phantom folder's ``phantom.json`` (written by ``phantom.write_dataset``)."""
+    return f"{info.get('generator', 'kts.phantom')} {info.get('generator_version', '')}".strip()
 
 
 def build_manifest(index: pd.DataFrame | None = None, include_phantom: bool = True) -> pd.DataFrame:

@@ -253,6 +253,124 @@ def _instances(label_map: np.ndarray, max_instances: int) -> tuple[np.ndarray, n
 
 # ----------------------------------------------------------------------------- the model
 
+# --------------------------------------------------------------------------- the Model Garden model and its input
+
+def model_garden_task_config(config: MaskRCNNConfig):
+    """The Model Garden ``MaskRCNNTask`` config for ``config``: backbone, FPN, heads, sampler, parser, losses."""
+    from official.vision.configs import backbones as bb
+    from official.vision.configs import common, decoders
+    from official.vision.configs import maskrcnn as cfg
+
+    c = config
+    if c.backbone == "resnet18":
+        backbone = bb.Backbone(type="resnet", resnet=bb.ResNet(model_id=18))
+    else:
+        backbone = bb.Backbone(type="mobilenet", mobilenet=bb.MobileNet(
+            model_id="MobileNetV2", filter_size_scale=c.mobilenet_width))
+    model = cfg.MaskRCNN(
+        num_classes=2,
+        input_size=[c.crop_size, c.crop_size, 3],
+        min_level=c.min_level, max_level=c.max_level,
+        anchor=cfg.Anchor(num_scales=c.num_scales, aspect_ratios=list(c.aspect_ratios),
+                          anchor_size=c.anchor_size),
+        include_mask=True,
+        backbone=backbone,
+        decoder=decoders.Decoder(type="fpn", fpn=decoders.FPN(num_filters=c.fpn_filters)),
+        rpn_head=cfg.RPNHead(num_convs=1, num_filters=c.rpn_filters),
+        detection_head=cfg.DetectionHead(num_convs=0, num_fcs=1, fc_dims=c.fc_dims),
+        roi_generator=cfg.ROIGenerator(
+            pre_nms_top_k=c.pre_nms_top_k, num_proposals=c.num_proposals,
+            test_pre_nms_top_k=c.pre_nms_top_k // 2, test_num_proposals=c.test_num_proposals,
+            use_batched_nms=c.batched_nms),
+        roi_sampler=cfg.ROISampler(num_sampled_rois=c.num_sampled_rois,
+                                   foreground_fraction=c.roi_foreground_fraction),
+        detection_generator=cfg.DetectionGenerator(
+            pre_nms_top_k=c.pre_nms_top_k // 2, max_num_detections=c.max_detections, use_cpu_nms=False),
+        mask_head=cfg.MaskHead(num_convs=c.mask_convs, num_filters=c.mask_filters),
+        mask_sampler=cfg.MaskSampler(num_sampled_masks=c.num_sampled_rois // 2),
+        norm_activation=common.NormActivation(norm_momentum=c.norm_momentum, norm_epsilon=1e-4,
+                                              use_sync_bn=False),
+    )
+    parser = cfg.Parser(aug_rand_hflip=(c.flip == "random"), max_num_instances=c.max_instances,
+                        aug_scale_min=c.scale_jitter[0], aug_scale_max=c.scale_jitter[1],
+                        mask_crop_size=c.mask_crop_size, rpn_match_threshold=c.rpn_match_threshold,
+                        rpn_unmatched_threshold=c.rpn_unmatched_threshold,
+                        rpn_batch_size_per_im=c.rpn_batch_size_per_im)
+    return cfg.MaskRCNNTask(
+        model=model,
+        train_data=cfg.DataConfig(is_training=True, global_batch_size=c.batch_size, dtype="float32",
+                                  parser=parser),
+        losses=cfg.Losses(mask_weight=c.mask_loss_weight, rpn_score_weight=c.effective_rpn_score_weight,
+                          l2_weight_decay=c.weight_decay),
+        use_coco_metrics=False,
+    )
+
+
+def _input_parser(config: MaskRCNNConfig, parser_config):
+    """Model Garden's training ``Parser`` (anchors, RPN targets, flips, scale jitter) for ``config``."""
+    from official.vision.dataloaders import maskrcnn_input
+
+    c, p = config, parser_config
+    return maskrcnn_input.Parser(
+        output_size=[c.crop_size, c.crop_size], min_level=c.min_level, max_level=c.max_level,
+        num_scales=c.num_scales, aspect_ratios=list(c.aspect_ratios), anchor_size=c.anchor_size,
+        rpn_match_threshold=p.rpn_match_threshold, rpn_unmatched_threshold=p.rpn_unmatched_threshold,
+        rpn_batch_size_per_im=p.rpn_batch_size_per_im, rpn_fg_fraction=p.rpn_fg_fraction,
+        aug_rand_hflip=p.aug_rand_hflip, aug_scale_min=p.aug_scale_min, aug_scale_max=p.aug_scale_max,
+        skip_crowd_during_training=True,
+        max_num_instances=c.max_instances, include_mask=True, mask_crop_size=c.mask_crop_size,
+        dtype="float32")
+
+
+def training_dataset(config: MaskRCNNConfig, parser_config, crops: np.ndarray, labels: np.ndarray, seed: int):
+    """The input pipeline: in-memory ``tf.data`` of the parser's "decoded" dicts through ``parse_fn(True)``.
+
+    ``parser_config`` is the task config's ``train_data.parser``; batches of ``config.batch_size``.
+    """
+    import tensorflow as tf
+
+    c = config
+    k = c.max_instances
+    n, s, _ = crops.shape
+    ids = np.zeros((n, k), np.int32)
+    boxes = np.zeros((n, k, 4), np.float32)
+    counts = np.zeros(n, np.int32)
+    for j in range(n):
+        i, b = _instances(labels[j], k)
+        ids[j, : len(i)], boxes[j, : len(i)], counts[j] = i, b, len(i)
+
+    def decode(image, label, inst_ids, inst_boxes, count, index):
+        inst_ids = inst_ids[:count]
+        masks = tf.cast(tf.equal(label[None], inst_ids[:, None, None]), tf.float32)
+        image01 = image / 255.0
+        if c.intensity_jitter > 0:  # random gamma and contrast: other scanners (section III.A)
+            j = float(c.intensity_jitter)
+            gamma = tf.exp(tf.random.uniform([], -j, j, seed=seed))
+            gain = tf.exp(tf.random.uniform([], -j / 2, j / 2, seed=seed + 1))
+            image01 = tf.clip_by_value(tf.pow(image01, gamma) * gain, 0.0, 1.0)
+        image01 = tf.tile(image01[..., None], [1, 1, 3])
+        return {
+            "source_id": tf.strings.as_string(index),
+            "image": image01,  # float in [0, 1]: normalize_image then uses MEAN_NORM/STDDEV_NORM
+            "height": tf.constant(s, tf.int64), "width": tf.constant(s, tf.int64),
+            "groundtruth_boxes": inst_boxes[:count],
+            "groundtruth_classes": tf.ones([count], tf.int64),
+            "groundtruth_is_crowd": tf.zeros([count], tf.bool),
+            "groundtruth_area": tf.reduce_sum(masks, axis=[1, 2]),
+            "groundtruth_instance_masks": masks,
+        }
+
+    parse = _input_parser(config, parser_config).parse_fn(is_training=True)
+    ds = tf.data.Dataset.from_tensor_slices(
+        (crops, labels, ids, boxes, counts, np.arange(n, dtype=np.int64)))
+    ds = ds.shuffle(n, seed=seed, reshuffle_each_iteration=True).repeat()
+    # Sequential map: the parser's stateful random ops (flip, RPN anchor sampling) then
+    # see the elements in one fixed order, so a seed gives one sequence of batches.
+    ds = ds.map(decode).map(parse)
+    ds = ds.batch(c.batch_size, drop_remainder=True)
+    return ds.prefetch(2)
+
+
 class TumorMaskRCNN:
     """Model Garden Mask R-CNN for tumour instances in kidney crops (section III.B).
 
@@ -274,56 +392,10 @@ class TumorMaskRCNN:
         self._model = None
         self._predict_fn = None
 
-    # -- building ------------------------------------------------------------------------
+    # -- building (the Model Garden config: model_garden_task_config) ------------------------
     def task_config(self):
         """The Model Garden ``MaskRCNNTask`` config this wrapper builds (for inspection)."""
-        from official.vision.configs import backbones as bb
-        from official.vision.configs import common, decoders
-        from official.vision.configs import maskrcnn as cfg
-
-        c = self.config
-        if c.backbone == "resnet18":
-            backbone = bb.Backbone(type="resnet", resnet=bb.ResNet(model_id=18))
-        else:
-            backbone = bb.Backbone(type="mobilenet", mobilenet=bb.MobileNet(
-                model_id="MobileNetV2", filter_size_scale=c.mobilenet_width))
-        model = cfg.MaskRCNN(
-            num_classes=2,
-            input_size=[c.crop_size, c.crop_size, 3],
-            min_level=c.min_level, max_level=c.max_level,
-            anchor=cfg.Anchor(num_scales=c.num_scales, aspect_ratios=list(c.aspect_ratios),
-                              anchor_size=c.anchor_size),
-            include_mask=True,
-            backbone=backbone,
-            decoder=decoders.Decoder(type="fpn", fpn=decoders.FPN(num_filters=c.fpn_filters)),
-            rpn_head=cfg.RPNHead(num_convs=1, num_filters=c.rpn_filters),
-            detection_head=cfg.DetectionHead(num_convs=0, num_fcs=1, fc_dims=c.fc_dims),
-            roi_generator=cfg.ROIGenerator(
-                pre_nms_top_k=c.pre_nms_top_k, num_proposals=c.num_proposals,
-                test_pre_nms_top_k=c.pre_nms_top_k // 2, test_num_proposals=c.test_num_proposals,
-                use_batched_nms=c.batched_nms),
-            roi_sampler=cfg.ROISampler(num_sampled_rois=c.num_sampled_rois,
-                                       foreground_fraction=c.roi_foreground_fraction),
-            detection_generator=cfg.DetectionGenerator(
-                pre_nms_top_k=c.pre_nms_top_k // 2, max_num_detections=c.max_detections, use_cpu_nms=False),
-            mask_head=cfg.MaskHead(num_convs=c.mask_convs, num_filters=c.mask_filters),
-            mask_sampler=cfg.MaskSampler(num_sampled_masks=c.num_sampled_rois // 2),
-            norm_activation=common.NormActivation(norm_momentum=c.norm_momentum, norm_epsilon=1e-4,
-                                                  use_sync_bn=False),
-        )
-        parser = cfg.Parser(aug_rand_hflip=(c.flip == "random"), max_num_instances=c.max_instances,
-                            aug_scale_min=c.scale_jitter[0], aug_scale_max=c.scale_jitter[1],
-                            mask_crop_size=c.mask_crop_size, rpn_match_threshold=c.rpn_match_threshold,
-                            rpn_unmatched_threshold=c.rpn_unmatched_threshold,
-                            rpn_batch_size_per_im=c.rpn_batch_size_per_im)
-        return cfg.MaskRCNNTask(
-            model=model,
-            train_data=cfg.DataConfig(is_training=True, global_batch_size=c.batch_size, dtype="float32",
-                                      parser=parser),
-            losses=cfg.Losses(mask_weight=c.mask_loss_weight, rpn_score_weight=c.effective_rpn_score_weight,
-                              l2_weight_decay=c.weight_decay),
-            use_coco_metrics=False,
-        )
+        return model_garden_task_config(self.config)
 
     def _build(self, seed: int) -> None:
         import tf_keras
@@ -341,65 +413,8 @@ class TumorMaskRCNN:
             self._build(self.seed)
         return self._model
 
-    def _parser(self):
-        from official.vision.dataloaders import maskrcnn_input
-
-        c = self.config
-        p = self._task.task_config.train_data.parser
-        return maskrcnn_input.Parser(
-            output_size=[c.crop_size, c.crop_size], min_level=c.min_level, max_level=c.max_level,
-            num_scales=c.num_scales, aspect_ratios=list(c.aspect_ratios), anchor_size=c.anchor_size,
-            rpn_match_threshold=p.rpn_match_threshold, rpn_unmatched_threshold=p.rpn_unmatched_threshold,
-            rpn_batch_size_per_im=p.rpn_batch_size_per_im, rpn_fg_fraction=p.rpn_fg_fraction,
-            aug_rand_hflip=p.aug_rand_hflip, aug_scale_min=p.aug_scale_min, aug_scale_max=p.aug_scale_max,
-            skip_crowd_during_training=True,
-            max_num_instances=c.max_instances, include_mask=True, mask_crop_size=c.mask_crop_size,
-            dtype="float32")
-
     def _dataset(self, crops: np.ndarray, labels: np.ndarray, seed: int):
-        """In-memory ``tf.data`` of the parser's "decoded" dicts through ``parse_fn(True)``."""
-        import tensorflow as tf
-
-        c = self.config
-        k = c.max_instances
-        n, s, _ = crops.shape
-        ids = np.zeros((n, k), np.int32)
-        boxes = np.zeros((n, k, 4), np.float32)
-        counts = np.zeros(n, np.int32)
-        for j in range(n):
-            i, b = _instances(labels[j], k)
-            ids[j, : len(i)], boxes[j, : len(i)], counts[j] = i, b, len(i)
-
-        def decode(image, label, inst_ids, inst_boxes, count, index):
-            inst_ids = inst_ids[:count]
-            masks = tf.cast(tf.equal(label[None], inst_ids[:, None, None]), tf.float32)
-            image01 = image / 255.0
-            if c.intensity_jitter > 0:  # random gamma and contrast: other scanners (section III.A)
-                j = float(c.intensity_jitter)
-                gamma = tf.exp(tf.random.uniform([], -j, j, seed=seed))
-                gain = tf.exp(tf.random.uniform([], -j / 2, j / 2, seed=seed + 1))
-                image01 = tf.clip_by_value(tf.pow(image01, gamma) * gain, 0.0, 1.0)
-            image01 = tf.tile(image01[..., None], [1, 1, 3])
-            return {
-                "source_id": tf.strings.as_string(index),
-                "image": image01,  # float in [0, 1]: normalize_image then uses MEAN_NORM/STDDEV_NORM
-                "height": tf.constant(s, tf.int64), "width": tf.constant(s, tf.int64),
-                "groundtruth_boxes": inst_boxes[:count],
-                "groundtruth_classes": tf.ones([count], tf.int64),
-                "groundtruth_is_crowd": tf.zeros([count], tf.bool),
-                "groundtruth_area": tf.reduce_sum(masks, axis=[1, 2]),
-                "groundtruth_instance_masks": masks,
-            }
-
-        parse = self._parser().parse_fn(is_training=True)
-        ds = tf.data.Dataset.from_tensor_slices(
-            (crops, labels, ids, boxes, counts, np.arange(n, dtype=np.int64)))
-        ds = ds.shuffle(n, seed=seed, reshuffle_each_iteration=True).repeat()
-        # Sequential map: the parser's stateful random ops (flip, RPN anchor sampling) then
-        # see the elements in one fixed order, so a seed gives one sequence of batches.
-        ds = ds.map(decode).map(parse)
-        ds = ds.batch(c.batch_size, drop_remainder=True)
-        return ds.prefetch(2)
+        return training_dataset(self.config, self._task.task_config.train_data.parser, crops, labels, seed)
 
     # -- training ------------------------------------------------------------------------
     def fit(self, images: Any, instance_label_maps: Any, steps: int = 300,

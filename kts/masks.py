@@ -2,13 +2,13 @@
 
 Section III.A.2 (the mask image set M paired with the MR images) and Fig. 5 (predicted kidney
 and tumour masks). Every importer returns arrays aligned with the ``metas`` that
-:func:`kts.data.read_series` returns for the image series (``[n, H, W]``, same slice order,
+:func:`kts.dicom.read_series` returns for the image series (``[n, H, W]``, same slice order,
 same display transform), and pairs mask and slice by **SOPInstanceUID or patient-space
 position, never by file order**. A mask that does not fit its image raises
 :class:`kts.errors.MaskError` naming the files.
 
 * PNG per slice (``<SOPInstanceUID>_kidney.png`` / ``_tumor.png``): :func:`read_png_masks`
-  delegates to :func:`kts.data.read_png_masks`.
+  (and :func:`read_png` for one file).
 * NIfTI (:func:`read_nifti_mask`): NIfTI's affine maps voxel indices to RAS+ millimetres,
   DICOM's ImagePositionPatient/ImageOrientationPatient are in LPS+; kts converts with
   ``RAS = diag(-1, -1, 1) . LPS`` and, for every pixel centre of every DICOM slice, finds the
@@ -81,6 +81,21 @@ class SliceGeometry:
         return d @ self.col_direction / self.spacing[0], d @ self.row_direction / self.spacing[1], d @ self.normal
 
 
+def renumber(labels: np.ndarray, min_pixels: int = 1) -> np.ndarray:
+    """Instances renumbered 1..n in the order of their old labels, those under ``min_pixels`` dropped (uint16)."""
+    from skimage.segmentation import relabel_sequential
+
+    labels = np.asarray(labels)
+    if not np.issubdtype(labels.dtype, np.integer):
+        if labels.dtype != bool and not np.array_equal(labels, np.round(labels)):
+            raise ValueError(f"renumber takes integer instance labels; got {labels.dtype} values that are not whole")
+        labels = labels.astype(np.int64)
+    if min_pixels > 1:
+        ids, counts = np.unique(labels, return_counts=True)
+        labels = np.where(np.isin(labels, ids[(ids != 0) & (counts < min_pixels)]), 0, labels)
+    return relabel_sequential(labels)[0].astype(np.uint16)
+
+
 def series_geometry(series_folder: str | os.PathLike) -> dict[str, SliceGeometry]:
     """Header geometry of every slice in a DICOM series folder, keyed by SOPInstanceUID."""
     import pydicom
@@ -92,7 +107,7 @@ def series_geometry(series_folder: str | os.PathLike) -> dict[str, SliceGeometry
     for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
-        except Exception:  # not DICOM: kts.data.read_series reports it
+        except Exception:  # not DICOM: kts.dicom.read_series reports it
             continue
         if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds or "PixelSpacing" not in ds:
             raise MaskError(path, "has no ImagePositionPatient/ImageOrientationPatient/PixelSpacing; masks in "
@@ -112,7 +127,7 @@ def series_geometry(series_folder: str | os.PathLike) -> dict[str, SliceGeometry
 def _metas(series_folder: str | os.PathLike, metas: Sequence[Any] | None) -> list[Any]:
     if metas is not None:
         return list(metas)
-    from kts.data import read_series
+    from kts.dicom import read_series
 
     return read_series(series_folder, require_modality=None)[1]
 
@@ -131,18 +146,99 @@ def _geometries_for(series_folder: str | os.PathLike, metas: Sequence[Any], mask
 
 def _display(mask: np.ndarray, meta: Any) -> np.ndarray:
     if getattr(meta, "oriented", False):
-        from kts.data import to_display
+        from kts.dicom import to_display
 
         return to_display(mask, meta.image_orientation)
     return mask
 
 
 # ----------------------------------------------------------------------------- PNG
-def read_png_masks(mask_dir: str | os.PathLike, metas: Sequence[Any], **kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Kidney masks and tumour label maps from per-slice PNGs (delegates to :func:`kts.data.read_png_masks`)."""
-    from kts import data
+def read_png(path: str | os.PathLike) -> np.ndarray:
+    """One greyscale PNG mask as written by the phantom (uint8 or uint16); a colour or unreadable file raises
+    :class:`~kts.errors.MaskError` naming it."""
+    from PIL import Image, UnidentifiedImageError
 
-    return data.read_png_masks(mask_dir, metas, **kwargs)
+    try:
+        with Image.open(path) as img:
+            img.load()
+            mode = img.mode
+            if mode not in ("1", "L", "P", "I", "I;16", "I;16B", "I;16L"):
+                raise MaskError(path, f"is a {mode} image; a mask must be one greyscale channel of labels")
+            array = np.asarray(img)
+    except MaskError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise MaskError(path, f"cannot be read as PNG ({type(exc).__name__}: {str(exc)[:200]})") from None
+    if array.dtype == bool:
+        array = array.astype(np.uint8)
+    return array
+
+
+def read_png_masks(mask_dir: str | os.PathLike, metas: Sequence[Any], *, allow_empty: bool = False,
+                   tumor_outside_kidney: str = "error") -> tuple[np.ndarray, np.ndarray]:
+    """Kidney masks (uint8 0/1 [n, H, W]) and tumour label maps (uint16 [n, H, W]) of a series.
+
+    Section III.A.2 (mask image set M). Paired with the slices by SOPInstanceUID file names
+    ``<SOPInstanceUID>_kidney.png`` / ``<SOPInstanceUID>_tumor.png``, never by order. The
+    kidney mask (kidney with its tumours) may hold 0 and 1 or 0 and 255; the tumour map holds
+    0 and instance labels 1..n. Masks are in the stored pixel grid and get the slice's
+    :func:`to_display` transform. A missing mask, a size differing from the image, an
+    all-zero kidney mask (unless ``allow_empty``), other kidney labels, or tumour pixels outside
+    the kidney (``tumor_outside_kidney``: ``"error"``, ``"warn"`` keep them, ``"merge"`` add them
+    to the kidney) raise :class:`~kts.errors.MaskError` naming the file.
+    """
+    import warnings
+
+    from kts.dicom import to_display
+
+    if tumor_outside_kidney not in ("error", "warn", "merge"):
+        raise ValueError(f"tumor_outside_kidney must be 'error', 'warn' or 'merge', got {tumor_outside_kidney!r}")
+    mask_dir = Path(mask_dir)
+    if not mask_dir.is_dir():
+        raise MaskError(mask_dir, "is not a folder; the masks of a case go in <case>/masks/")
+    kidneys, tumours = [], []
+    for meta in metas:
+        pair = []
+        for kind in ("kidney", "tumor"):
+            path = mask_dir / f"{meta.sop_instance_uid}_{kind}.png"
+            if not path.is_file():
+                raise MaskError(path, f"is missing: every slice needs a {kind} mask named "
+                                      f"<SOPInstanceUID>_{kind}.png (slice {meta.file_name})")
+            array = read_png(path)
+            if array.shape != (meta.rows, meta.columns):
+                raise MaskError(path, f"is {array.shape[0]}x{array.shape[1]} but its image {meta.file_name} is "
+                                      f"{meta.rows}x{meta.columns} (rows x columns); masks must match the image")
+            pair.append((path, array))
+        (kidney_path, kidney), (tumour_path, tumour) = pair
+        labels = np.unique(kidney)
+        bad = [int(v) for v in labels if v not in (0, 1, 255)]
+        if bad:
+            raise MaskError(kidney_path, f"has labels {bad[:5]}; a kidney mask holds only 0 and 1 (or 0 and 255)")
+        kidney = (kidney > 0).astype(np.uint8)
+        if (np.issubdtype(tumour.dtype, np.signedinteger) and tumour.min() < 0) or tumour.max() > 65535:
+            raise MaskError(tumour_path, "has labels outside 0..65535; a tumour map holds 0 and instances 1..n")
+        tumour = tumour.astype(np.uint16)
+        if not allow_empty and not kidney.any():
+            raise MaskError(kidney_path, "is empty (no kidney pixel); the paper's dataset has kidney on every "
+                                         "slice: drop the slice or pass allow_empty=True")
+        outside = (tumour > 0) & (kidney == 0)
+        if outside.any():
+            message = (f"has {int(outside.sum())} tumour pixels outside the kidney mask "
+                       f"{kidney_path.name}; the kidney mask must include its tumours")
+            if tumor_outside_kidney == "error":
+                raise MaskError(tumour_path, message + " (or pass tumor_outside_kidney='merge')")
+            if tumor_outside_kidney == "warn":
+                warnings.warn(f"{tumour_path}: {message}", stacklevel=2)
+            else:
+                kidney = np.where(outside, 1, kidney).astype(np.uint8)
+        if meta.oriented:
+            kidney = to_display(kidney, meta.image_orientation)
+            tumour = to_display(tumour, meta.image_orientation)
+        kidneys.append(kidney)
+        tumours.append(tumour)
+    if not kidneys:
+        raise MaskError(mask_dir, "no slices given: pass the metas returned by read_series")
+    return np.stack(kidneys), np.stack(tumours)
 
 
 # ----------------------------------------------------------------------------- NIfTI
@@ -151,7 +247,7 @@ def read_nifti_mask(nifti_path: str | os.PathLike, series_folder: str | os.PathL
     """A NIfTI label volume resampled (nearest voxel, no interpolation) onto the series' slices.
 
     Returns ``[n, H, W]`` in the dtype of the NIfTI data (integers), aligned with ``metas``
-    (default: those of :func:`kts.data.read_series`). See the module docstring for RAS vs LPS.
+    (default: those of :func:`kts.dicom.read_series`). See the module docstring for RAS vs LPS.
     """
     import nibabel as nib
 
@@ -203,7 +299,7 @@ def read_seg_mask(seg_path: str | os.PathLike, metas: Sequence[Any],
                   segment_labels: Sequence[str] = ("Kidney", "Tumour")) -> dict[str, np.ndarray]:
     """Binary masks ``{label: uint8 [n, H, W]}`` from a DICOM-SEG, per referenced SOPInstanceUID.
 
-    The SEG must reference the series of ``metas`` (:func:`kts.data.read_series`); slices it has
+    The SEG must reference the series of ``metas`` (:func:`kts.dicom.read_series`); slices it has
     no frame for are empty. Labels match SegmentLabel case-insensitively ("Tumor" finds "Tumour").
     """
     import highdicom as hd
@@ -253,13 +349,16 @@ def _normalise_label(label: str) -> str:
 
 
 def write_seg(path: str | os.PathLike, series_folder: str | os.PathLike, metas: Sequence[Any],
-              kidney: np.ndarray, tumour: np.ndarray, series_number: int = 900,
-              content_datetime: _dt.datetime | None = None) -> Path:
+              kidney: np.ndarray, tumour: np.ndarray | None, series_number: int = 900,
+              content_datetime: _dt.datetime | None = None, proposal: bool = False) -> Path:
     """Write predicted kidney and tumour masks as a BINARY DICOM-SEG over the source series (Fig. 5).
 
     ``kidney``/``tumour`` are ``[n, H, W]`` in the order and display orientation of ``metas``
-    (as :func:`kts.data.read_series` and the models produce them); they are mapped back to the
-    stored pixel grid of each referenced SOPInstanceUID. Written atomically.
+    (as :func:`kts.dicom.read_series` and the models produce them); they are mapped back to the
+    stored pixel grid of each referenced SOPInstanceUID. ``tumour=None`` writes the kidney
+    segment only. ``proposal=True`` marks every label and the series description as an
+    unreviewed proposal (``kts.proposals``: masks for series that have none, to be corrected in
+    a viewer before any use). Written atomically.
     """
     import highdicom as hd
     import pydicom
@@ -270,7 +369,8 @@ def write_seg(path: str | os.PathLike, series_folder: str | os.PathLike, metas: 
 
     metas = list(metas)
     kidney = np.asarray(kidney)
-    tumour = np.asarray(tumour)
+    with_tumour = tumour is not None
+    tumour = np.asarray(tumour) if with_tumour else np.zeros_like(kidney)
     if kidney.shape != tumour.shape or kidney.ndim != 3 or kidney.shape[0] != len(metas):
         raise ValueError(f"kidney and tumour must both be [n, H, W] with n = {len(metas)} slices; "
                          f"got {kidney.shape} and {tumour.shape}")
@@ -288,7 +388,7 @@ def write_seg(path: str | os.PathLike, series_folder: str | os.PathLike, metas: 
         if ds is None:
             raise MaskError(folder, f"has no slice with SOPInstanceUID {meta.sop_instance_uid} ({meta.file_name})")
         planes = []
-        for array in (kidney[i], tumour[i]):
+        for array in (kidney[i], tumour[i])[: 2 if with_tumour else 1]:
             planes.append(_undisplay(np.asarray(array) > 0, meta))
         if planes[0].shape != (int(ds.Rows), int(ds.Columns)):
             raise MaskError(folder / meta.file_name, f"mask is {planes[0].shape} but the slice is "
@@ -301,18 +401,19 @@ def write_seg(path: str | os.PathLike, series_folder: str | os.PathLike, metas: 
     algorithm = hd.AlgorithmIdentificationSequence(name="kts CU-Net + Mask R-CNN",
                                                    family=codes.cid7162.ArtificialIntelligence,
                                                    version=str(kts_version))
+    marker = " (PROPOSAL, unreviewed)" if proposal else ""
     segments = [
         hd.seg.SegmentDescription(
-            segment_number=1, segment_label="Kidney",
+            segment_number=1, segment_label="Kidney" + marker,
             segmented_property_category=codes.SCT.AnatomicalStructure,
             segmented_property_type=codes.SCT.Kidney,
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algorithm),
         hd.seg.SegmentDescription(
-            segment_number=2, segment_label="Tumour",
+            segment_number=2, segment_label="Tumour" + marker,
             segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
             segmented_property_type=codes.SCT.Neoplasm,
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algorithm),
-    ]
+    ][: 2 if with_tumour else 1]
     source_series = str(sources[0].SeriesInstanceUID)
     content = hashlib.sha256(pixel_array.tobytes() + str(pixel_array.shape).encode()).hexdigest()
     seg = hd.seg.Segmentation(
@@ -323,7 +424,9 @@ def write_seg(path: str | os.PathLike, series_folder: str | os.PathLike, metas: 
         sop_instance_uid=generate_uid(entropy_srcs=["kts-seg-sop", source_series, content]),
         instance_number=1, manufacturer="kts", manufacturer_model_name="kts CU-Net + Mask R-CNN",
         software_versions=str(kts_version), device_serial_number="0",
-        series_description="kts kidney and tumour segmentation", content_label="KTS_SEG",
+        series_description=("kts PROPOSED kidney masks - unreviewed, correct before use" if proposal
+                            else "kts kidney and tumour segmentation"),
+        content_label="KTS_PROPOSAL" if proposal else "KTS_SEG",
     )
     # highdicom draws DimensionOrganizationUID at random: derive it too, so equal input gives equal UIDs
     dim_uid = generate_uid(entropy_srcs=["kts-seg-dimension", source_series, content])
@@ -344,10 +447,10 @@ def write_seg(path: str | os.PathLike, series_folder: str | os.PathLike, metas: 
 
 
 def _undisplay(mask: np.ndarray, meta: Any) -> np.ndarray:
-    """Invert :func:`kts.data.to_display` for one slice (back to the stored pixel grid)."""
+    """Invert :func:`kts.dicom.to_display` for one slice (back to the stored pixel grid)."""
     if not getattr(meta, "oriented", False):
         return mask
-    from kts.data import display_axes
+    from kts.dicom import display_axes
 
     transpose, flip_v, flip_h = display_axes(meta.image_orientation)
     out = mask
@@ -384,7 +487,7 @@ def read_rtstruct_mask(rtstruct_path: str | os.PathLike, series_folder: str | os
                        tolerance_mm: float = 1.0) -> np.ndarray:
     """Union of the ROIs whose name matches ``roi_pattern``, rasterised: uint8 0/1 ``[n, H, W]``.
 
-    Aligned with ``metas`` (default: :func:`kts.data.read_series` of ``series_folder``).
+    Aligned with ``metas`` (default: :func:`kts.dicom.read_series` of ``series_folder``).
     """
     from skimage.draw import polygon
 

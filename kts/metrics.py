@@ -301,10 +301,11 @@ def tumor_scores(pred_label_maps: Iterable, gt_label_maps: Iterable, iou_thresho
             "true_negative_slices": inst["true_negative_slices"]}
 
 
-def mask_ap(gt_label_maps: Sequence, predictions: Sequence[Mapping]) -> dict[str, float]:
+def mask_ap(predictions: Sequence[Mapping], gt_label_maps: Sequence) -> dict[str, float]:
     """COCO mask average precision of tumour instances, computed by ``pycocotools`` (the field standard).
 
-    ``predictions`` holds one dict per slice with ``masks`` [n, H, W] (bool) and ``scores`` [n].
+    ``predictions`` holds one dict per slice with ``masks`` [n, H, W] (bool) and ``scores`` [n];
+    ``gt_label_maps`` the true instance label maps (prediction first, truth second, as every metric here).
     Returns ``AP`` (IoU 0.50:0.95), ``AP50`` and ``AP75``; NaN (undefined) where there is no
     ground-truth instance (COCO's -1), 0 when there is one and nothing was predicted.
     """
@@ -351,3 +352,27 @@ def mask_ap(gt_label_maps: Sequence, predictions: Sequence[Mapping]) -> dict[str
         evaluator.summarize()
     stats = evaluator.stats
     return {name: (NAN if stats[i] < 0 else float(stats[i])) for i, name in enumerate(("AP", "AP50", "AP75"))}
+
+
+# --------------------------------------------------------------------------- tumour burden (Fig. 1)
+
+#: Tumour burden (tumour pixels / kidney-with-tumour pixels) bounds of the Fig. 1 categories.
+BURDEN_MILD_MAX = 0.15
+BURDEN_MODERATE_MAX = 0.40
+
+
+def tumor_burden(kidney_mask, tumor_labels) -> float:
+    """Tumour pixels over kidney-with-tumour pixels (Fig. 1's measure); 0 when the slice has no kidney."""
+    kidney = int(np.count_nonzero(kidney_mask))
+    return float(np.count_nonzero(tumor_labels)) / kidney if kidney else 0.0
+
+
+def burden_category(burden: float) -> str:
+    """Fig. 1's tumour categories from the tumour fraction of the kidney: none, mild, moderate, large."""
+    if burden <= 0:
+        return "none"
+    if burden <= BURDEN_MILD_MAX:
+        return "mild"
+    if burden <= BURDEN_MODERATE_MAX:
+        return "moderate"
+    return "large"

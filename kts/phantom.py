@@ -43,6 +43,8 @@ from scipy import ndimage
 from kts import config
 from kts.errors import KtsInputError
 from kts.io import atomic_path, write_json, write_text
+from kts.masks import renumber
+from kts.metrics import burden_category, tumor_burden  # Fig. 1's burden bands live with the metrics
 
 GENERATOR = "kts.phantom"
 GENERATOR_VERSION = "1.1.0"
@@ -52,9 +54,6 @@ IMAGE_SIZE = 360
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 CASE_ID_FORMAT = "KTS-PHANTOM-{:04d}"
 STUDY_DATE = "20000101"
-#: Tumour burden (tumour pixels / kidney-with-tumour pixels) bounds of the Fig. 1 categories.
-BURDEN_MILD_MAX = 0.15
-BURDEN_MODERATE_MAX = 0.40
 
 SERIES_DESCRIPTIONS = {
     "t1_post": "AX T1 POST GAD (phantom)",
@@ -168,9 +167,8 @@ class PhantomSlice:
 
     @property
     def tumor_burden(self) -> float:
-        """Tumour pixels over kidney-with-tumour pixels (0 when there is no kidney)."""
-        kidney = int(np.count_nonzero(self.kidney_mask))
-        return float(np.count_nonzero(self.tumor_labels)) / kidney if kidney else 0.0
+        """Tumour pixels over kidney-with-tumour pixels (0 when there is no kidney; ``kts.metrics.tumor_burden``)."""
+        return tumor_burden(self.kidney_mask, self.tumor_labels)
 
 
 # --------------------------------------------------------------------------- argument checks
@@ -635,9 +633,8 @@ def _render_tissue(an: dict, cv: _Canvas, z: float, tex: np.ndarray):
     inst[~np.isin(cv.tissue, TUMOR_TISSUES)] = 0
     # final instance numbering 1..n in tumour order
     ids = [i + 1 for i in range(len(fields)) if keep[i] and np.any(inst == i + 1)]
-    relabel = np.zeros(len(fields) + 1, np.uint16)
+    inst = np.where(np.isin(inst, ids), inst, 0)
     for new, old in enumerate(ids, start=1):
-        relabel[old] = new
         t = fields[old - 1][0]
         g = geoms[t.side]
         area = int(np.count_nonzero(inst == old))
@@ -645,8 +642,7 @@ def _render_tissue(an: dict, cv: _Canvas, z: float, tex: np.ndarray):
         tumors_here.append(dict(label=new, tumor_id=t.tumor_id, side="left" if t.side > 0 else "right",
                                 area_px=area, radius_mm=round(t.radius, 2), exophytic=outside > 0.1 * area,
                                 necrotic=bool(np.any((inst == old) & (cv.tissue == NECROSIS)))))
-    inst = relabel[inst]
-    return cv.tissue, inst, tumors_here, body
+    return cv.tissue, renumber(inst), tumors_here, body
 
 
 def _hard_structures(an: dict, cv: _Canvas) -> np.ndarray:
@@ -855,15 +851,42 @@ def generate(n_cases: int = 30, seed: int = 0, difficulty: str = "paper", slices
     return slices
 
 
-def burden_category(burden: float) -> str:
-    """Fig. 1's tumour categories from the tumour fraction of the kidney: none, mild, moderate, large."""
-    if burden <= 0:
-        return "none"
-    if burden <= BURDEN_MILD_MAX:
-        return "mild"
-    if burden <= BURDEN_MODERATE_MAX:
-        return "moderate"
-    return "large"
+def tissue_label_maps(dataset) -> np.ndarray:
+    """The tissue label map (classes of ``TISSUE_NAMES``) of every slice of a phantom ``kts.data.Dataset``.
+
+    Regenerated from the phantom's ``phantom.json`` in ``dataset.source_root`` (the generator is
+    deterministic), matched by SOPInstanceUID and resized to the dataset's size like its masks;
+    ``kts.synth`` draws training images from them (SynthSeg's recipe, issue 16). Raises
+    ``ValueError`` when the dataset is not a kts phantom, or when a regenerated kidney does not
+    match the dataset's kidney mask (a phantom written by another generator version).
+    """
+    from kts.data import resize_mask
+
+    root = Path(dataset.source_root) if getattr(dataset, "source_root", "") else None
+    if root is None or not (root / "phantom.json").is_file():
+        raise ValueError(f"{root or 'this dataset'}: no phantom.json, so no tissue label maps: they exist only "
+                         "for the kts phantom (real series carry kidney masks, not a full anatomical label map)")
+    params = json.loads((root / "phantom.json").read_text())
+    weightings = params.get("weightings") or list(WEIGHTINGS)
+    wanted = set(dataset.index["sop_instance_uid"])
+    by_sop: dict[str, np.ndarray] = {}
+    for case_id in dict.fromkeys(dataset.index["case_id"]):
+        case_index = int(str(case_id).rsplit("-", 1)[-1]) - 1  # case_id_for numbers cases from 1
+        for s in generate_case(case_index, params["seed"], params["difficulty"], params["slices_per_case"],
+                               weightings[case_index % len(weightings)], params.get("size", IMAGE_SIZE)):
+            if s.meta["sop_instance_uid"] in wanted:
+                by_sop[s.meta["sop_instance_uid"]] = s.meta["tissue_labels"]
+    size = dataset.images.shape[1:3]
+    out = np.zeros((len(dataset),) + tuple(size), np.uint8)
+    for i, sop in enumerate(dataset.index["sop_instance_uid"]):
+        if sop not in by_sop:
+            raise ValueError(f"{root}: slice {sop} is not one the phantom's generator draws for these parameters")
+        out[i] = resize_mask(by_sop[sop].astype(np.uint8), size)
+        if not np.array_equal(np.isin(out[i], KIDNEY_TISSUES), dataset.kidney_masks[i] > 0):
+            raise ValueError(f"{root}: the regenerated tissue map of slice {sop} does not match its kidney mask "
+                             f"(phantom written by generator {params.get('generator_version')}, this is "
+                             f"{GENERATOR_VERSION}): rewrite the phantom")
+    return out
 
 
 def tumor_contrast(s: PhantomSlice, rim_px: tuple[int, int] = (2, 6)) -> list[dict[str, Any]]:
@@ -1032,18 +1055,6 @@ def write_png(array: np.ndarray, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
-def read_png(path: str | os.PathLike) -> np.ndarray:
-    """Read a greyscale PNG written by :func:`write_png` (uint8 or uint16)."""
-    from PIL import Image
-
-    with Image.open(path) as img:
-        mode = img.mode
-        arr = np.asarray(img)
-    if mode in ("I;16", "I;16B", "I;16L", "I"):
-        return arr.astype(np.uint16)
-    return arr.astype(np.uint8)
-
-
 def _dataset_parameters(n_cases, seed, difficulty, slices_per_case, weightings, header_overrides, size) -> dict[str, Any]:
     overrides = _check_overrides(header_overrides)
     digest = None
@@ -1169,10 +1180,11 @@ def _raise_mismatch(root: Path, existing: dict[str, Any] | None, params: dict[st
 
 
 def default_root(seed: int = 0, difficulty: str = "paper", n_cases: int = 30, slices_per_case: int = 1,
-                 size: int = IMAGE_SIZE) -> Path:
+                 size: int = IMAGE_SIZE, data_dir: str | os.PathLike | None = None) -> Path:
     """``<data_dir>/phantom-<difficulty>-seed<seed>[-n<n_cases>][-s<slices_per_case>][-px<size>]``.
 
-    Only non-default values appear, so the default dataset is ``data/phantom-paper-seed0``.
+    Only non-default values appear, so the default dataset is ``data/phantom-paper-seed0``;
+    ``data_dir`` defaults to ``kts.config.data_dir()``.
     """
     _check_difficulty(difficulty)
     seed = _check_int("seed", seed, 0)
@@ -1183,4 +1195,4 @@ def default_root(seed: int = 0, difficulty: str = "paper", n_cases: int = 30, sl
         name += f"-s{_check_int('slices_per_case', slices_per_case, 1)}"
     if size != IMAGE_SIZE:
         name += f"-px{_check_int('size', size, 64, 1024)}"
-    return config.data_dir() / name
+    return (Path(data_dir) if data_dir is not None else config.data_dir()) / name

@@ -302,11 +302,100 @@ def replace_block(text: str, name: str, body: str) -> str:
     return f"{head}{start}\n{body.rstrip()}\n{end}{tail}"
 
 
+# The figures kts aims for on the phantom (the issues' goals): key, what, comparison, threshold.
+GOALS: tuple[tuple[str, str, str, float], ...] = (
+    ("kidney_dice", "kidney Dice, held-out slices (Table I, each partition)", ">=", 0.95),
+    ("tumour_dice", "tumour Dice, held-out slices (Table I, each partition)", ">=", 0.85),
+    ("instance_f1", "tumour instance F1 at IoU 0.5 (Table I, each partition)", ">=", 0.90),
+    ("maskrcnn_over_reference", "Mask R-CNN tumour Dice / the dense reference's (held-out crops, pooled)", ">=", 0.95),
+    ("unseen_contrast_dice", "kidney Dice on a left-out MR weighting (notebook 07: the best recipe, on its "
+     "worst left-out weighting)", ">=", 0.90),
+    ("paper_min_per_seed", "paper profile: minutes per seed of the split study (notebook 05, plus notebook 02 and "
+     "03's Mask R-CNN training, which train 05's TD-70%/VD-6% models)", "<=", 60),
+)
+
+
+def _meets(value: float | None, comparison: str, threshold: float) -> bool | None:
+    if value is None or value != value:  # missing or NaN
+        return None
+    return value >= threshold if comparison == ">=" else value <= threshold
+
+
+def goal_values(results: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """Each of ``GOALS`` measured from ``results/`` (and ``bench.json``): value(s), met (True/False/None)."""
+    import pandas as pd
+
+    results = Path(results)
+    measured: dict[str, list[float]] = {}
+    if (results / "table1.csv").exists():
+        table = pd.read_csv(results / "table1.csv")
+        for key in ("kidney_dice", "tumour_dice", "instance_f1"):
+            measured[key] = [float(v) for v in table[f"{key}_mean"]]
+    if (results / "tumour_stage.csv").exists():
+        stage = pd.read_csv(results / "tumour_stage.csv")
+        pooled = stage[stage["weighting"] == "pooled"].set_index("model")["tumour_dice"]
+        ours = [v for k, v in pooled.items() if str(k).startswith("Mask R-CNN (pretrained")]
+        reference = [v for k, v in pooled.items() if str(k).startswith("dense reference")]
+        if ours and reference and reference[0] > 0:
+            measured["maskrcnn_over_reference"] = [float(ours[0] / reference[0])]
+    if (results / "contrasts.csv").exists():
+        contrasts = pd.read_csv(results / "contrasts.csv")
+        worst = contrasts.groupby("intensity")["test_unseen_dice"].min()
+        measured["unseen_contrast_dice"] = [float(worst.max())]
+    metrics = json.loads((results / "metrics.json").read_text()) if (results / "metrics.json").exists() else {}
+    walls = metrics.get("provenance", {}).get("wall_s_per_notebook", {})
+    n_seeds = metrics.get("notebooks", {}).get("05_table1_split_study", {}).get("n_seeds")
+    tumour_training = metrics.get("notebooks", {}).get("03_train_maskrcnn", {}).get("timing", {}).get("total_s")
+    parts = [walls.get("02_train_cunet"), tumour_training, walls.get("05_table1_split_study")]
+    if all(parts) and n_seeds and metrics.get("provenance", {}).get("profile") == "paper":
+        measured["paper_min_per_seed"] = [sum(parts) / 60 / n_seeds]
+    out = {}
+    for key, what, comparison, threshold in GOALS:
+        values = measured.get(key)
+        met = [_meets(v, comparison, threshold) for v in values] if values else []
+        out[key] = {"what": what, "goal": f"{comparison} {threshold:g}", "values": values,
+                    "n_met": sum(bool(m) for m in met), "met": (all(met) if met else None)}
+    return out
+
+
+def goals_section(results: str | os.PathLike) -> str:
+    """README's "Goals, met or missed" table, generated from ``results/`` and ``results/bench.json``."""
+    results = Path(results)
+    rows = []
+    for goal in goal_values(results).values():
+        values = goal["values"]
+        if not values:
+            shown, verdict = "not measured in this run", "-"
+        elif len(values) == 1:
+            shown, verdict = f"{values[0]:.3g}", "met" if goal["met"] else "missed"
+        else:
+            shown = f"{min(values):.3f}-{max(values):.3f}"
+            verdict = "met" if goal["met"] else f"missed ({goal['n_met']} of {len(values)} met)"
+        rows.append((goal["what"], goal["goal"], shown, verdict))
+    bench = json.loads((results / "bench.json").read_text()) if (results / "bench.json").exists() else {}
+    date = str(bench.get("machine", {}).get("date", ""))[:10]
+    for key, goal in sorted(bench.get("goals", {}).items()):
+        value = goal.get("value")
+        rows.append((f"benchmark ({date}): {key.replace('_', ' ')}", str(goal.get("goal")),
+                     "not measured" if value is None else f"{value:.3g}",
+                     "-" if goal.get("met") is None else ("met" if goal["met"] else "missed")))
+    return kts_io.markdown_table(rows, ("goal", "target", "measured", "verdict")) + "\n"
+
+
+def readme_blocks(results: str | os.PathLike) -> dict[str, str]:
+    """README's generated blocks (name -> body), all rendered from ``results/``."""
+    results = Path(results)
+    blocks = {"results": results_section(results), "goals": goals_section(results)}
+    if (results / "bench.md").exists():
+        blocks["bench"] = (results / "bench.md").read_text()
+    return blocks
+
+
 def update_readme(results: str | os.PathLike | None = None, readme: str | os.PathLike | None = None) -> Path:
-    """Regenerate README's results and benchmark blocks from ``results/`` (``kts run --update-readme``)."""
+    """Regenerate README's results, goals and benchmark blocks from ``results/`` (``kts run --update-readme``)."""
     results = Path(results) if results is not None else config.results_dir("paper")
     readme = Path(readme) if readme is not None else config.project_root() / "README.md"
-    text = replace_block(readme.read_text(), "results", results_section(results))
-    if (results / "bench.md").exists():
-        text = replace_block(text, "bench", (results / "bench.md").read_text())
+    text = readme.read_text()
+    for name, body in readme_blocks(results).items():
+        text = replace_block(text, name, body)
     return kts_io.write_text(readme, text)

@@ -20,7 +20,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from kts.io import atomic_path
-from kts.phantom import BURDEN_MILD_MAX, BURDEN_MODERATE_MAX
+from kts.metrics import BURDEN_MILD_MAX, BURDEN_MODERATE_MAX, tumor_burden
 
 FIGURE_DPI = 150
 INLINE_DPI = 100  # figures shown in a notebook: modest, so executed notebooks stay small
@@ -71,12 +71,6 @@ def _triplet(item: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return tuple(np.asarray(a) for a in item)  # type: ignore[return-value]
     raise ValueError("each slice must have image, kidney_mask and tumor_labels arrays "
                      "(a PhantomSlice, a dict with those keys or an (image, kidney_mask, tumor_labels) tuple)")
-
-
-def tumor_burden(kidney_mask: np.ndarray, tumor_labels: np.ndarray) -> float:
-    """Tumour pixels over kidney-with-tumour pixels; 0 when the slice has no kidney."""
-    kidney = int(np.count_nonzero(kidney_mask))
-    return float(np.count_nonzero(tumor_labels)) / kidney if kidney else 0.0
 
 
 def pick_figure1_slices(slices: Sequence[Any]) -> dict[str, int]:

@@ -129,7 +129,7 @@ def pretrain(profile_name: str, out_dir: str | None = None, steps: int | None = 
     pred = model.predict_labels(held_crops)
     scores = metrics.tumor_scores(list(pred), list(held_labels))
     all_dets = model.predict(held_crops, score_threshold=0.0)
-    ap = metrics.mask_ap(list(held_labels), all_dets)
+    ap = metrics.mask_ap(all_dets, list(held_labels))
     provenance = {
         "complete": True, "what": "Mask R-CNN pretrained on synthetic phantom kidney crops (kts.pretrain)",
         "commit": kts_config.git_commit(dirty_of=Path(__file__).resolve().parent), "profile": profile_name,

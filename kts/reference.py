@@ -101,7 +101,8 @@ def _fingerprint(*arrays: np.ndarray) -> str:
 
 def train_dense_reference(train_crops, train_labels, val_crops, val_labels, out_dir: str | os.PathLike,
                           z: int = 8, epochs: int = 40, batch_size: int = 8, seed: int = 0, resume: bool = True,
-                          verbose: int = 0, *, learning_rate: float = 1e-3, patience: int = 10):
+                          verbose: int = 0, *, learning_rate: float = 1e-3, patience: int = 10,
+                          progress: bool = True):
     """Train the dense tumour reference on kidney crops; returns :class:`kts.train.TrainResult`.
 
     A reference, not the paper's method (issue 12, section 1; see the module docstring): a
@@ -169,7 +170,8 @@ def train_dense_reference(train_crops, train_labels, val_crops, val_labels, out_
 
     result = train_cunet((dihedral_rotations(x), dihedral_rotations(tumour.astype(np.uint8))),
                          (vx, (vy > 0).astype(np.uint8)), out, model_kwargs={"z": z}, config=config,
-                         seed=seed, resume=resume, verbose=verbose)
+                         seed=seed, resume=resume, verbose=verbose,
+                         progress="dense reference epochs" if progress else False)
     kts_io.write_json(out / REFERENCE_FILE, {**settings, "epochs": epochs, "best_epoch": result.best_epoch,
                                              "epochs_run": int(len(result.history)),
                                              "stopped_early": result.stopped_early})

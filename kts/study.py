@@ -4,8 +4,8 @@ Table I reports IoU and accuracy for TD-70%/VD-6%, TD-75%/VD-8%, TD-65%/VD-15% a
 TD-60%/VD-20% (test = the rest). For each partition and seed kts trains the whole cascade
 (CU-Net, then Mask R-CNN on kidney crops), runs it on the test cases and scores it.
 A finished partition-seed leaves ``metrics.json`` behind and is never retrained, so an
-interrupted paper-profile run continues where it stopped (a record scored under an older
-rule, ``kts.metrics.SCORING``, is scored again from its saved models, not retrained). The
+interrupted paper-profile run continues where it stopped (``kts.runs``: a record scored under an
+older rule, ``kts.metrics.SCORING``, is scored again from its saved models, not retrained). The
 paper's values appear only as the reference column.
 
 Every figure is pooled over a run's test slices (``kts.metrics``' rule, errata E37); the table
@@ -13,9 +13,7 @@ gives its mean over seeds and the seeds' s.d., which is undefined ("n/a") with o
 """
 from __future__ import annotations
 
-import json
 import os
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
@@ -40,23 +38,23 @@ REPORTED = ("iou", "accuracy", "kidney_dice", "tumour_dice", "tumour_iou", "accu
 
 def run_one(dataset, partition: str, seed: int, profile: Profile, work_dir: str | os.PathLike,
             predictions_dir: str | os.PathLike, progress: bool = True) -> dict:
-    """Train and score the cascade for one partition and seed; skipped when already done.
+    """Train and score the cascade for one partition and seed in ``work_dir/<run_name>``; resumable
+    (:func:`kts.runs.resumable`: a finished run is returned, one scored under an older rule rescored)."""
+    from kts import workflow
+    from kts.runs import resumable
 
-    A ``metrics.json`` scored under another rule than ``kts.metrics.SCORING`` is not reused:
-    the finished models in the run folder are reloaded (not retrained) and scored again.
-    """
-    from kts import cascade, data, metrics, workflow
+    return resumable(Path(work_dir) / workflow.run_name(partition, seed),
+                     lambda run_dir: _train_and_score(dataset, partition, seed, profile, run_dir,
+                                                      Path(predictions_dir), progress))
 
-    slug = data.partition_slug(partition)
-    run_dir = Path(work_dir) / workflow.run_name(partition, seed)  # == workflow.run_folder(work, ...)
-    done = run_dir / "metrics.json"
-    previous = json.loads(done.read_text()) if done.exists() else None
-    if previous is not None and previous.get("scoring") == metrics.SCORING:
-        return previous
-    started = time.perf_counter()
+
+def _train_and_score(dataset, partition: str, seed: int, profile: Profile, run_dir: Path, predictions_dir: Path,
+                     progress: bool) -> dict:
+    from kts import cascade, data, workflow
+
     splits = data.split_partition(dataset.index, partition, seed=seed)
     data.save_splits(run_dir / "splits.json", {run_dir.name: splits})
-    kidney = workflow.train_kidney_stage(dataset, splits, profile, run_dir / "cunet", seed=seed)
+    kidney = workflow.train_kidney_stage(dataset, splits, profile, run_dir / "cunet", seed=seed, progress=progress)
     tumour_model, _ = workflow.train_tumour_stage(dataset, splits, profile, run_dir / "maskrcnn", seed=seed,
                                                   progress=progress, validate=False)
     test = dataset.subset(splits["test"])
@@ -66,7 +64,7 @@ def run_one(dataset, partition: str, seed: int, profile: Profile, work_dir: str 
                                     test.tumor_labels, instance_predictions=result.instances,
                                     all_detections=(everything.tumor_labels, everything.instances),
                                     weightings=test.index["weighting"].tolist())
-    with kts_io.atomic_path(Path(predictions_dir) / f"{run_dir.name}.npz") as tmp:
+    with kts_io.atomic_path(predictions_dir / f"{run_dir.name}.npz") as tmp:
         np.savez_compressed(tmp, case_ids=np.array(test.index["case_id"], dtype=str),
                             kidney_probability=probabilities.astype(np.float16),
                             kidney_pred=result.kidney_masks.astype(np.uint8),
@@ -78,14 +76,11 @@ def run_one(dataset, partition: str, seed: int, profile: Profile, work_dir: str 
                             tumour_all_scores=_scores_by_label(everything),
                             score_threshold=np.float32(tumour_model.score_threshold),
                             weighting=np.array(test.index["weighting"], dtype=str))
-    record = {"partition": partition, "slug": slug, "seed": seed, "profile": profile.name,
-              "n_train": len(splits["train"]), "n_val": len(splits["val"]), "n_test": len(splits["test"]),
-              "cunet_epochs": int(len(kidney.history)), "cunet_best_epoch": kidney.best_epoch,
-              "wall_s": round(time.perf_counter() - started, 1), "scoring": metrics.SCORING, **scores}
-    if previous is not None and "wall_s" in previous:  # rescored: keep the training's wall time
-        record["wall_s"] = previous["wall_s"]
-    kts_io.write_json(done, record)
-    return record
+    # wall_s and scoring are filled in by kts.runs.resumable; listed here to keep the table's column order
+    return {"partition": partition, "slug": data.partition_slug(partition), "seed": seed, "profile": profile.name,
+            "n_train": len(splits["train"]), "n_val": len(splits["val"]), "n_test": len(splits["test"]),
+            "cunet_epochs": int(len(kidney.history)), "cunet_best_epoch": kidney.best_epoch,
+            "wall_s": None, "scoring": None, **scores}
 
 
 def _scores_by_label(result) -> np.ndarray:
@@ -101,41 +96,22 @@ def _scores_by_label(result) -> np.ndarray:
 def run_study(dataset, profile: Profile, seeds: Iterable[int], work_dir: str | os.PathLike,
               results_dir: str | os.PathLike, partitions: Iterable[str] | None = None, progress: bool = True):
     """Every partition x seed (resumable); returns the per-run table (one row per partition-seed)."""
-    import pandas as pd
-
     from kts.metrics import format_metric
+    from kts.runs import run_all
 
     partitions = list(partitions or PAPER_TABLE1)
     seeds = list(seeds)
     if not seeds:
-        raise ValueError("SEEDS must be at least 1")
-    rows = []
-    total = len(partitions) * len(seeds)
-    for i, (partition, seed) in enumerate(((p, s) for p in partitions for s in seeds), start=1):
-        t0 = time.perf_counter()
-        row = run_one(dataset, partition, seed, profile, work_dir, Path(results_dir) / "predictions", progress)
-        release_memory()
-        print(f"[{i}/{total}] {partition} seed {seed}: IoU {format_metric(row['iou'])}, "
-              f"accuracy {format_metric(row['accuracy'])}, tumour Dice {format_metric(row['tumour_dice'])}, "
-              f"instance F1 {format_metric(row['instance_f1'])} ({time.perf_counter() - t0:.0f} s)", flush=True)
-        rows.append(row)
-    return pd.DataFrame(rows)
+        raise ValueError("seeds must hold at least one seed")
+    predictions = Path(results_dir) / "predictions"
+    return run_all(((p, s) for p in partitions for s in seeds),
+                   lambda item: run_one(dataset, item[0], item[1], profile, work_dir, predictions, progress),
+                   lambda row: (f"{row['partition']} seed {row['seed']}: IoU {format_metric(row['iou'])}, "
+                                f"accuracy {format_metric(row['accuracy'])}, tumour Dice "
+                                f"{format_metric(row['tumour_dice'])}, instance F1 {format_metric(row['instance_f1'])}"))
 
 
-def release_memory() -> None:
-    """Drop the finished run's models so memory stays flat across partitions and seeds."""
-    import gc
-
-    import keras
-
-    from kts import maskrcnn
-
-    keras.backend.clear_session()
-    maskrcnn.clear_session()
-    gc.collect()
-
-
-def summarise(runs) -> "pd.DataFrame":
+def table1_from_runs(runs) -> "pd.DataFrame":
     """Table I: per partition, mean and sd over seeds of each metric, the seed count, the paper's values.
 
     The s.d. (ddof 1) is NaN with one seed: a single run has no spread (it used to read 0).
@@ -199,7 +175,7 @@ def table1_note(table) -> str:
 def write_table1(runs, results_dir: str | os.PathLike) -> "pd.DataFrame":
     """Write ``table1.csv``, ``table1.md`` and ``table1_runs.csv`` (per seed) atomically."""
     results_dir = Path(results_dir)
-    table = summarise(runs)
+    table = table1_from_runs(runs)
     with kts_io.atomic_path(results_dir / "table1.csv") as tmp:
         table.to_csv(tmp, index=False, float_format="%.4f")
     with kts_io.atomic_path(results_dir / "table1_runs.csv") as tmp:

@@ -19,47 +19,13 @@ import keras
 import numpy as np
 
 from kts import io as kts_io
+from kts.config import FLIPS, INTENSITY, TrainConfig  # noqa: F401 - the recipe's settings live with the profiles
 
 HISTORY_FILE = "history.csv"
 BEST_FILE = "best.keras"
 LAST_FILE = "last.keras"
 STATE_FILE = "state.json"
-FLIPS = ("horizontal", "vertical")
-INTENSITY = ("none", "random_lut")
 LUT_POINTS = 6  # control points of the random intensity curve (intensity="random_lut")
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """Training settings; defaults are the paper profile's (errata E10 for values the paper leaves open)."""
-
-    epochs: int = 100
-    batch_size: int = 4
-    learning_rate: float = 1e-3
-    flip: str = "horizontal"           # the flip that doubles the training set (section IV)
-    early_stopping_patience: int = 10  # EarlyStopping on val_loss, restore_best_weights
-    reduce_lr_patience: int = 5        # ReduceLROnPlateau on val_loss
-    reduce_lr_factor: float = 0.5
-    min_learning_rate: float = 1e-6
-    monitor: str = "val_loss"
-    # Not in the paper (section IV: "flips and other techniques"): "random_lut" passes half of the
-    # training images through a random smooth intensity curve, so the CU-Net cannot lean on one
-    # MR weighting's grey levels (notebook 07 measures what it buys on an unseen contrast).
-    intensity: str = "none"
-
-    def __post_init__(self):
-        for name in ("epochs", "batch_size", "early_stopping_patience", "reduce_lr_patience"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not (isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0):
-            raise ValueError(f"learning_rate must be a positive number, got {self.learning_rate!r}")
-        if self.flip not in FLIPS:
-            raise ValueError(f"flip must be one of {FLIPS}, got {self.flip!r}")
-        if self.intensity not in INTENSITY:
-            raise ValueError(f"intensity must be one of {INTENSITY}, got {self.intensity!r}")
-        if not 0 < self.reduce_lr_factor < 1:
-            raise ValueError(f"reduce_lr_factor must be in (0, 1), got {self.reduce_lr_factor!r}")
 
 
 @dataclasses.dataclass
@@ -106,14 +72,6 @@ def prepare_masks(masks) -> np.ndarray:
     return (y > 0).astype(np.float32)
 
 
-def flip_pairs(images, masks, flip: str = "horizontal"):
-    """The flipped copies that double the training set (section IV): left-right or up-down."""
-    axis = {"horizontal": 2, "vertical": 1}.get(flip)
-    if axis is None:
-        raise ValueError(f"flip must be one of {FLIPS}, got {flip!r}")
-    return np.flip(images, axis=axis), np.flip(masks, axis=axis)
-
-
 def random_lut(image, seed):
     """``image`` (values in 0..1) through a random piecewise-linear curve of ``LUT_POINTS`` points.
 
@@ -130,15 +88,20 @@ def random_lut(image, seed):
 
 
 def make_dataset(images, masks, batch_size: int, seed: int, flip: str = "horizontal",
-                 first_epoch: int = 0, epochs: int = 1, augment: bool = True, intensity: str = "none"):
+                 first_epoch: int = 0, epochs: int = 1, augment: bool = True, intensity: str = "none",
+                 tissue_labels=None, synth_config=None):
     """The training ``tf.data`` pipeline: originals plus flipped copies, reshuffled each epoch.
 
     The order of epoch ``e`` depends only on ``(seed, e)`` (a stateless shuffle), so a run
     resumed at epoch ``e`` sees the very batches the uninterrupted run saw. With
     ``intensity="random_lut"`` every other image (by a stateless coin per epoch and item)
-    goes through :func:`random_lut`.
+    goes through :func:`random_lut`; with ``"synth"`` a share ``synth_config.p_synthetic``
+    (default :data:`kts.synth.DEFAULT`) is re-synthesised from ``tissue_labels`` (int [N, H, W],
+    aligned with ``images``) by :func:`kts.synth.synthesise`, mask deformed alike.
     """
     import tensorflow as tf
+
+    from kts import synth
 
     x = tf.constant(prepare_inputs(images))
     y = tf.constant(prepare_masks(masks))
@@ -148,6 +111,14 @@ def make_dataset(images, masks, batch_size: int, seed: int, flip: str = "horizon
 
     if intensity not in INTENSITY:
         raise ValueError(f"intensity must be one of {INTENSITY}, got {intensity!r}")
+    if intensity == "synth":
+        if tissue_labels is None or np.shape(tissue_labels) != tuple(x.shape[:3]):
+            raise ValueError(f"intensity='synth' needs tissue_labels [N, H, W] aligned with the images "
+                             f"{tuple(x.shape[:3])}, got {None if tissue_labels is None else np.shape(tissue_labels)}; "
+                             "the phantom's come from kts.phantom.tissue_label_maps(dataset)")
+        tissue = tf.constant(np.asarray(tissue_labels, np.int32))
+        n_labels = int(np.max(tissue_labels)) + 1
+        synth_config = synth.DEFAULT if synth_config is None else synth_config
 
     def one_epoch(epoch):
         order = tf.random.experimental.stateless_shuffle(tf.range(total, dtype=tf.int64),
@@ -164,6 +135,18 @@ def make_dataset(images, masks, batch_size: int, seed: int, flip: str = "horizon
                 item_seed = tf.stack([tf.cast(seed, tf.int64) * 1_000_003 + epoch, i])
                 coin = tf.random.stateless_uniform([], seed=item_seed + 1)
                 xi = tf.where(coin < 0.5, random_lut(xi, item_seed), xi)
+            if intensity == "synth":
+                # the item's own streams: (seed, epoch, item) folded, then split for the coin and the draw
+                item_seed = tf.random.experimental.stateless_fold_in(
+                    tf.stack([tf.cast(seed, tf.int64), epoch]), i)
+                coin_seed, draw_seed = tf.unstack(tf.random.experimental.stateless_split(item_seed, 2))
+                labels = tf.gather(tissue, j)
+                if augment:
+                    labels = tf.where(i >= n, tf.reverse(labels, [axis - 1]), labels)
+                coin = tf.random.stateless_uniform([], seed=coin_seed)
+                xi, yi = tf.cond(coin < synth_config.p_synthetic,
+                                 lambda: synth.synthesise(labels, yi, draw_seed, n_labels, synth_config),
+                                 lambda: (xi, yi))
             return xi, yi
 
         return tf.data.Dataset.from_tensor_slices(order).map(take).batch(batch_size)
@@ -191,9 +174,12 @@ def set_output_prior(model, masks, layer: str = "I_out") -> float:
     return prior
 
 
-def compile_cunet(model, learning_rate: float) -> None:
-    """Binary cross-entropy and Adam (section IV), with accuracy and foreground IoU as metrics (Table I)."""
-    model.compile(
+def compile_cunet(model, learning_rate: float, jit_compile: bool | str = "auto") -> None:
+    """Binary cross-entropy and Adam (section IV), with accuracy and foreground IoU as metrics (Table I).
+
+    ``jit_compile`` goes to ``model.compile`` (the benchmark measures XLA with ``True``).
+    """
+    model.compile(jit_compile=jit_compile,
         optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
         loss=keras.losses.BinaryCrossentropy(),
         metrics=[keras.metrics.BinaryAccuracy(name="accuracy"),
@@ -215,7 +201,8 @@ def _check_pair(images, masks, what: str) -> None:
 
 def train_cunet(train: tuple, validation: tuple | None, out_dir: str | os.PathLike, *,
                 model_kwargs: dict | None = None, config: TrainConfig = TrainConfig(), seed: int = 0,
-                strategy=None, resume: bool = False, verbose: int = 0) -> TrainResult:
+                strategy=None, resume: bool = False, verbose: int = 0, progress: bool | str = False,
+                tissue_labels=None) -> TrainResult:
     """Train a CU-Net with the paper's recipe (section IV); return the best model and its history.
 
     ``train`` and ``validation`` are ``(images, kidney_masks)`` with images in 0..255; the
@@ -223,7 +210,10 @@ def train_cunet(train: tuple, validation: tuple | None, out_dir: str | os.PathLi
     :func:`kts.cunet.build_cunet` (the input shape is taken from the images). ``strategy``: an
     optional ``tf.distribute.Strategy`` (e.g. ``MirroredStrategy`` over several GPUs) under whose
     scope the model is built and trained. ``resume=True`` continues from ``out_dir/last.keras``
-    and ends where an uninterrupted run would have ended.
+    and ends where an uninterrupted run would have ended. ``progress=True`` shows one bar over
+    the epochs (:class:`EpochProgress`) with the loss and the monitored value (a string: the bar's
+    label). ``tissue_labels``
+    (int [N, H, W], aligned with the training images) feed ``config.intensity="synth"``.
     """
     from kts.cunet import build_cunet
 
@@ -265,9 +255,13 @@ def train_cunet(train: tuple, validation: tuple | None, out_dir: str | os.PathLi
 
     callbacks = _callbacks(out_dir, config, seed, state, history_rows)
     checkpoint_cb = callbacks[-1]
+    if progress:
+        label = progress if isinstance(progress, str) else "CU-Net epochs"
+        callbacks = callbacks + [EpochProgress(config.epochs, first_epoch, config.monitor, desc=label)]
     val_x, val_y = prepare_inputs(validation[0]), prepare_masks(validation[1])
     dataset = make_dataset(images, masks, config.batch_size, seed, config.flip,
-                           first_epoch=first_epoch, epochs=config.epochs - first_epoch, intensity=config.intensity)
+                           first_epoch=first_epoch, epochs=config.epochs - first_epoch, intensity=config.intensity,
+                           tissue_labels=tissue_labels)
     model.fit(dataset, validation_data=(val_x, val_y), validation_batch_size=config.batch_size,
               epochs=config.epochs, initial_epoch=first_epoch,
               steps_per_epoch=steps_per_epoch(len(images), config.batch_size),
@@ -286,6 +280,32 @@ def _callbacks(out_dir: Path, config: TrainConfig, seed: int, state: dict | None
     # Keras calls callbacks in list order: the checkpoint runs after EarlyStopping and
     # ReduceLROnPlateau have reset themselves (train begin) and updated themselves (epoch end).
     return [early_stopping_cb, reduce_lr_cb, checkpoint_cb]
+
+
+class EpochProgress(keras.callbacks.Callback):
+    """A progress bar over the epochs (``tqdm.auto``: a widget in Jupyter, text in a console).
+
+    It stops where early stopping stops (section IV), so the bar may end before ``epochs``."""
+
+    def __init__(self, epochs: int, first_epoch: int = 0, monitor: str = "val_loss", desc: str = "CU-Net epochs"):
+        super().__init__()
+        self.epochs, self.first_epoch, self.monitor, self.desc = int(epochs), int(first_epoch), monitor, desc
+        self.bar = None
+
+    def on_train_begin(self, logs=None):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=self.epochs, initial=self.first_epoch, desc=self.desc, leave=False)
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        shown = {key: f"{logs[key]:.4f}" for key in ("loss", self.monitor) if key in logs}
+        self.bar.set_postfix(shown, refresh=False)
+        self.bar.update(1)
+
+    def on_train_end(self, logs=None):
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _callback_state(cb) -> dict:
@@ -412,13 +432,3 @@ def predict_probabilities(model, images, batch_size: int = 8) -> np.ndarray:
     """Kidney probabilities [N, H, W] for images in 0..255."""
     x = prepare_inputs(images)
     return np.asarray(model.predict(x, batch_size=batch_size, verbose=0))[..., 0]
-
-
-def load_history(out_dir: str | os.PathLike):
-    """The per-epoch history CSV written by :func:`train_cunet` (Figure 6's data)."""
-    import pandas as pd
-
-    path = Path(out_dir) / HISTORY_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no training history; train first")
-    return pd.read_csv(path)

@@ -33,10 +33,11 @@ def prepare_dataset(profile: Profile, seed: int = 0, source_root: str | os.PathL
         if not source_root.is_dir():
             raise ValueError(f"{source_root}: ${kts_config.SOURCE_ENV} names no folder")
     if source_root is None:
-        name = f"phantom-{profile.difficulty}-seed{seed}-n{profile.n_cases}-s{profile.slices_per_case}"
+        source_root = phantom.default_root(seed, profile.difficulty, profile.n_cases, profile.slices_per_case,
+                                           data_dir=base)
         if header_overrides:
-            name += "-overrides"
-        source_root = phantom.write_dataset(base / name, n_cases=profile.n_cases, seed=seed,
+            source_root = source_root.with_name(source_root.name + "-overrides")
+        source_root = phantom.write_dataset(source_root, n_cases=profile.n_cases, seed=seed,
                                             difficulty=profile.difficulty, slices_per_case=profile.slices_per_case,
                                             header_overrides=header_overrides)
     source_root = Path(source_root)
@@ -61,28 +62,26 @@ def run_folder(work_dir: str | os.PathLike, partition: str, seed: int) -> Path:
     return Path(work_dir) / "study" / run_name(partition, seed)
 
 
-def cunet_train_config(profile: Profile, epochs: int | None = None, intensity: str = "none"):
-    """The paper's recipe (section IV) with the profile's epochs, batch and patience."""
-    from kts.train import TrainConfig
-
-    return TrainConfig(epochs=epochs or profile.cunet_epochs, batch_size=profile.cunet_batch_size,
-                       early_stopping_patience=profile.early_stopping_patience,
-                       reduce_lr_patience=profile.reduce_lr_patience, intensity=intensity)
-
-
 def train_kidney_stage(dataset, splits: dict, profile: Profile, out_dir: str | os.PathLike, seed: int = 0,
-                       resume: bool = True, epochs: int | None = None, verbose: int = 0, intensity: str = "none"):
+                       resume: bool = True, epochs: int | None = None, verbose: int = 0, intensity: str = "none",
+                       progress: bool = True):
     """Train the CU-Net on the training cases, watching the validation cases (section III.A.3).
 
     ``intensity="random_lut"`` adds the random intensity curves of ``kts.train.random_lut``
-    (not in the paper; notebook 07)."""
+    (not in the paper; notebook 07), ``"synth"`` images re-synthesised from the phantom's tissue
+    label maps (``kts.synth``, SynthSeg's domain randomisation). ``progress`` shows a bar over the epochs."""
     from kts.train import train_cunet
 
     train_set, val_set = dataset.subset(splits["train"]), dataset.subset(splits["val"])
+    tissue = None
+    if intensity == "synth":  # SynthSeg's recipe (kts.synth) draws from the phantom's tissue label maps
+        from kts.phantom import tissue_label_maps
+
+        tissue = tissue_label_maps(train_set)
     return train_cunet((train_set.images, train_set.kidney_masks), (val_set.images, val_set.kidney_masks),
                        out_dir, model_kwargs=dict(z=profile.cunet_base_filters),
-                       config=cunet_train_config(profile, epochs, intensity), seed=seed, resume=resume,
-                       verbose=verbose)
+                       config=profile.cunet_config(epochs, intensity), seed=seed, resume=resume,
+                       verbose=verbose, progress=progress, tissue_labels=tissue)
 
 
 def tumour_crops(dataset, case_ids, crop_size: int, copies: int = 1, jitter: int = 0, seed: int = 0,
@@ -123,7 +122,7 @@ def train_tumour_stage(dataset, splits: dict, profile: Profile, out_dir: str | o
     """
     from kts import pretrain
     from kts.io import write_json
-    from kts.maskrcnn import MaskRCNNConfig, TumorMaskRCNN
+    from kts.maskrcnn import MaskRCNNConfig, TumorMaskRCNN, anchor_positives
 
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}; got {init!r}")
@@ -153,9 +152,15 @@ def train_tumour_stage(dataset, splits: dict, profile: Profile, out_dir: str | o
                         validate_every=max(steps // 4, 1), initial_weights=initial, learning_rate=learning_rate)
     choice = model.choose_score_threshold(val_crops, val_labels)
     model.save(out_dir / "model")
+    positives = anchor_positives(config, train_labels)  # issue 12: several positive anchors per tumour
     write_json(done, {"history": history, "timing": getattr(model, "timing", {}), "init": init,
                       "score_threshold": model.score_threshold, "threshold_chosen_on_validation": choice["chosen"],
-                      "n_train_crops": int(len(train_crops)), "n_val_crops": int(len(val_crops))})
+                      "n_train_crops": int(len(train_crops)), "n_val_crops": int(len(val_crops)),
+                      # one count per tumour instance in each training crop (each kidney is cut twice)
+                      "anchor_positives": {"n_instances": int(positives.size),
+                                           "median": float(np.median(positives)) if positives.size else None,
+                                           "share_with_none": float(np.mean(positives == 0)) if positives.size
+                                           else None}})
     return model, _read_json(done)
 
 
@@ -203,7 +208,7 @@ def compare_tumour_models(models: dict, crops, labels, weightings) -> "Any":
         for group in [*sorted(set(weightings)), "pooled"]:
             rows_k = [i for i, w in enumerate(weightings) if group in ("pooled", w)]
             sc = metrics.tumor_scores([pred[i] for i in rows_k], [labels[i] for i in rows_k])
-            ap = metrics.mask_ap([labels[i] for i in rows_k], [every[i] for i in rows_k])
+            ap = metrics.mask_ap([every[i] for i in rows_k], [labels[i] for i in rows_k])
             rows.append({"model": name, "weighting": group, "crops": len(rows_k), "tumours": sc["n_gt"],
                          "tumour_dice": sc["dice"], "instance_f1": sc["instance_f1"],
                          "instance_precision": sc["instance_precision"], "instance_recall": sc["instance_recall"],
@@ -300,7 +305,7 @@ def score_cascade(kidney_probabilities, kidney_pred, tumour_pred_labels, kidney_
     if instance_predictions is not None:
         predictions = [_instance_masks(labels, found)
                        for labels, found in zip(tumour_pred_labels_ap, instance_predictions, strict=True)]
-        out["mask_ap"] = metrics.mask_ap(list(tumour_gt_labels), predictions)["AP"]
+        out["mask_ap"] = metrics.mask_ap(predictions, list(tumour_gt_labels))["AP"]
     if weightings is not None:
         weightings = list(weightings)
         if len(weightings) != len(tumour_gt_bin):
@@ -324,7 +329,7 @@ def _instance_masks(label_map, instances) -> dict:
 def pick_figure5_slices(tumour_labels, n: int = 4) -> list[int]:
     """Slices for Figure 5: those with tumours first (most instances first), then tumour-free ones."""
     if not isinstance(n, int) or n < 1:
-        raise ValueError(f"N_SHOWN must be a positive int, got {n!r}")
+        raise ValueError(f"n (the number of slices to show) must be a positive int, got {n!r}")
     counts = [len(np.unique(t[t > 0])) for t in np.asarray(tumour_labels)]
     order = sorted(range(len(counts)), key=lambda i: (-counts[i], i))
     with_tumour = [i for i in order if counts[i] > 0]
@@ -348,7 +353,7 @@ def real_data_source(name: str, limit: int = 2, dest: str | os.PathLike | None =
 
     sources = ("phantom", "tcga-kirc", "cptac-ccrcc")
     if name not in sources:
-        raise ValueError(f"DATA must be one of {sources}, got {name!r}")
+        raise ValueError(f"name (the data source) must be one of {sources}, got {name!r}")
     if name == "phantom":
         return None
     rows = manifest.read_manifest(kts_config.project_root() / "data_manifest.csv")
@@ -363,11 +368,11 @@ def real_data_source(name: str, limit: int = 2, dest: str | os.PathLike | None =
     try:
         fetch.fetch(rows.head(limit), dest, timeout=20, retries=1, progress=False)
     except Exception as exc:  # no network here is the common case, not an error of the user's
-        warnings.warn(f"DATA={name!r}: could not fetch its series ({type(exc).__name__}: {str(exc)[:200]}). "
+        warnings.warn(f"data source {name!r}: could not fetch its series ({type(exc).__name__}: {str(exc)[:200]}). "
                       f"{howto} THIS RUN USES THE PHANTOM INSTEAD.", UserWarning, stacklevel=2)
         return None
     if not any(dest.glob("*/masks")):
-        warnings.warn(f"DATA={name!r}: the series are in {dest.name}/ but no case has a masks/ folder, so "
+        warnings.warn(f"data source {name!r}: the series are in {dest.name}/ but no case has a masks/ folder, so "
                       f"there is nothing to train or score against. {howto} THIS RUN USES THE PHANTOM INSTEAD.",
                       UserWarning, stacklevel=2)
         return None

@@ -6,7 +6,7 @@ checkpoints, executed notebooks, results, verified downloads) byte-for-byte and 
 with no temporary file left beside them. ``KINDS`` is also the README troubleshooting list:
 ``test_every_kind_has_a_readme_row`` checks that each kind's key phrase has a row there.
 
-Entry points: extraction (``kts.data.read_series`` / ``build_dataset``), training
+Entry points: extraction (``kts.dicom.read_series`` / ``build_dataset``), training
 (``kts.train.train_cunet``, ``kts.cunet.build_cunet``), the cascade (``kts.cascade.run_cascade``,
 ``kts.maskrcnn``), the pipeline (``kts.pipeline.run``, ``python -m kts run``), the manifest
 reader (``kts.manifest.read_manifest``) and the fetch client (``kts.fetch.fetch``).
@@ -30,7 +30,7 @@ from PIL import Image
 from pydicom.encaps import encapsulate
 from pydicom.uid import RTStructureSetStorage
 
-from kts import data
+from kts import data, dicom
 from kts.errors import DicomError, FetchError, ManifestError, MaskError
 
 from dicom_factory import make_dataset, save, undecodable_syntax, write_masks, write_series
@@ -127,7 +127,7 @@ def _extraction(entry: str):
                             problem, [cache.parent])
 
             def read() -> None:
-                _, metas = data.read_series(case / "dicom")
+                _, metas = dicom.read_series(case / "dicom")
                 data.read_png_masks(case / "masks", metas)
 
             return Case(read, error, names, problem)

@@ -14,13 +14,13 @@ import pytest
 from kts import bench
 
 
-def test_summarize_median_and_repeats():
-    figure = bench.summarize([3.0, 1.0, 2.0], "img/s")
+def test_median_of_repeats():
+    figure = bench.median_of_repeats([3.0, 1.0, 2.0], "img/s")
     assert figure["median"] == 2.0
     assert figure["repeats"] == [3.0, 1.0, 2.0]
     assert (figure["min"], figure["max"], figure["unit"]) == (1.0, 3.0, "img/s")
     with pytest.raises(ValueError):
-        bench.summarize([], "s")
+        bench.median_of_repeats([], "s")
 
 
 def test_time_repeats_counts_calls():

@@ -3,7 +3,7 @@ from collections import Counter
 
 import pytest
 
-from kts.cunet import PAPER_MU_LITERAL, build_cunet, forward_flops, layer_table
+from kts.cunet import PAPER_MU_LITERAL, build_cunet, forward_flops, layer_flops, layer_table
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +57,9 @@ def test_batch_norm_off_and_literal_output():
 
 def test_flops_and_layer_table(model):
     assert 9.5e9 < forward_flops(model) < 10.5e9
+    first = next(layer for layer in model.layers if layer.name.startswith("conv") or "conv" in layer.name)
+    # the first 3x3 convolution: 320 x 320 outputs x z=16 filters x 3 x 3 x 1 input channel, 2 FLOPs per MAC
+    assert layer_flops(first) == 2 * 320 * 320 * 16 * 3 * 3 * 1
     table = layer_table(model)
     assert sum(row["params"] for row in table) == model.count_params()
 
@@ -68,8 +71,8 @@ def test_flops_and_layer_table(model):
     (dict(mu=(1, 2, 4)), "4 level multipliers"),
     (dict(mu=(1, 2, 0, 8)), "positive ints"),
     (dict(f_rate=1.5), "f_rate"),
-    (dict(p="valid"), "p='valid'"),
-    (dict(p="full"), "'same' or 'valid'"),
+    (dict(p="valid"), "must be 'same', got 'valid'"),
+    (dict(p="full"), "must be 'same', got 'full'"),
     (dict(input_shape=(32, 32)), "height, width, channels"),
     (dict(k=(3, 0)), "k must be"),
     (dict(s=(1, 1)), "must equal the pool size"),

@@ -16,7 +16,7 @@ from pydicom.data import get_testdata_file
 from pydicom.encaps import encapsulate
 from pydicom.uid import ExplicitVRLittleEndian, RTStructureSetStorage
 
-from kts import data
+from kts import data, dicom
 from kts.errors import DicomError, KtsInputError, MaskError
 
 from dicom_factory import (SERIES_UID, blob_masks, make_dataset, save, write_case,  # noqa: E402
@@ -61,10 +61,10 @@ def nibabel_data(name):
 def test_reads_pydicom_shipped_mr_in_every_transfer_syntax(tmp_path, path):
     if not decoder_available(path):
         pytest.skip(f"no decoder installed for {Path(path).name}")
-    reference, _ = data.read_series(_alone(tmp_path / "ref", get_testdata_file("MR_small.dcm")))
+    reference, _ = dicom.read_series(_alone(tmp_path / "ref", get_testdata_file("MR_small.dcm")))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # MR_small_padded: pydicom warns about the padding
-        volume, metas = data.read_series(_alone(tmp_path / "x", path), case_id="ship")
+        volume, metas = dicom.read_series(_alone(tmp_path / "x", path), case_id="ship")
     assert volume.shape == (1, 64, 64) and volume.dtype == np.float32
     np.testing.assert_array_equal(volume, reference)
     meta = metas[0]
@@ -83,7 +83,7 @@ def _alone(folder, path):
 def test_shipped_metadata_carries_no_patient_identifier(tmp_path):
     path = get_testdata_file("MR_small.dcm")
     ds = pydicom.dcmread(path)
-    _, metas = data.read_series(_alone(tmp_path / "s", path))
+    _, metas = dicom.read_series(_alone(tmp_path / "s", path))
     text = repr(metas) + json.dumps([m.as_dict() for m in metas])
     for secret in (str(ds.PatientName), str(ds.PatientID), str(ds.InstitutionName)):
         assert secret not in text
@@ -95,7 +95,7 @@ def test_reads_nibabel_two_slice_series_sorted_by_position(tmp_path):
     folder.mkdir()
     shutil.copy(nibabel_data("1.dcm"), folder / "a.dcm")  # second slice gets the first file name
     shutil.copy(nibabel_data("0.dcm"), folder / "b.dcm")
-    volume, metas = data.read_series(folder)
+    volume, metas = dicom.read_series(folder)
     assert volume.shape == (2, 256, 256)
     assert [m.file_name for m in metas] == ["b.dcm", "a.dcm"]
     assert [m.instance_number for m in metas] == [1, 2]
@@ -107,7 +107,7 @@ def test_reads_nibabel_two_slice_series_sorted_by_position(tmp_path):
 def test_rescale_applied_on_shipped_decimal_rescale(tmp_path):
     path = nibabel_data("decimal_rescale.dcm")
     ds = pydicom.dcmread(path)
-    volume, _ = data.read_series(_alone(tmp_path / "r", path))
+    volume, _ = dicom.read_series(_alone(tmp_path / "r", path))
     expected = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
     np.testing.assert_allclose(volume[0], expected)
     assert volume.min() < 0  # intercept -4096 applied
@@ -116,14 +116,14 @@ def test_rescale_applied_on_shipped_decimal_rescale(tmp_path):
 def test_shipped_non_image_truncated_and_ct_are_refused(tmp_path):
     no_pixels = _alone(tmp_path / "csa", nibabel_data("csa_slice_norm.dcm"))
     with pytest.raises(DicomError, match="csa_slice_norm.dcm.*no pixel data"):
-        data.read_series(no_pixels)
+        dicom.read_series(no_pixels)
     truncated = _alone(tmp_path / "trunc", get_testdata_file("MR_truncated.dcm"))
     with pytest.raises(DicomError, match="MR_truncated.dcm.*truncated or corrupt"):
-        data.read_series(truncated)
+        dicom.read_series(truncated)
     ct = _alone(tmp_path / "ct", get_testdata_file("CT_small.dcm"))
     with pytest.raises(DicomError, match="CT_small.dcm.*modality 'CT'.*require_modality=None"):
-        data.read_series(ct)
-    volume, metas = data.read_series(ct, require_modality=None)
+        dicom.read_series(ct)
+    volume, metas = dicom.read_series(ct, require_modality=None)
     assert metas[0].modality == "CT" and volume.shape == (1, 128, 128)
 
 
@@ -136,7 +136,7 @@ def test_sorts_by_position_not_file_order_nor_instance_number(tmp_path):
     # file names put slice 2 first; InstanceNumbers disagree with positions too
     write_series(tmp_path / "s", arrays, positions, names=["d.dcm", "a.dcm", "c.dcm", "b.dcm"],
                  instances=[4, 1, 3, 2])
-    volume, metas = data.read_series(tmp_path / "s")
+    volume, metas = dicom.read_series(tmp_path / "s")
     assert volume[:, 0, 0].tolist() == [10, 20, 30, 40]
     assert [m.file_name for m in metas] == ["d.dcm", "a.dcm", "c.dcm", "b.dcm"]
     assert [m.slice_index for m in metas] == [0, 1, 2, 3]
@@ -146,7 +146,7 @@ def test_sorts_along_the_slice_normal_for_sagittal_slices(tmp_path):
     iop = [0, 1, 0, 0, 0, -1]  # sagittal: normal = row x column direction = -x
     arrays = [np.full((6, 6), v) for v in (3, 1, 2)]
     write_series(tmp_path / "s", arrays, [(6, 0, 0), (0, 0, 0), (3, 0, 0)], iop=iop)
-    volume, metas = data.read_series(tmp_path / "s")
+    volume, metas = dicom.read_series(tmp_path / "s")
     assert volume[:, 0, 0].tolist() == [3, 2, 1]  # ascending along -x: x = 6, 3, 0
     assert [m.slice_position for m in metas] == [-6.0, -3.0, 0.0]
 
@@ -155,27 +155,27 @@ def test_instance_number_breaks_ties_when_gaps_allowed(tmp_path):
     arrays = [np.full((6, 6), v) for v in (2, 1)]
     write_series(tmp_path / "s", arrays, [(0, 0, 0), (0, 0, 0)], names=["a.dcm", "b.dcm"], instances=[2, 1])
     with pytest.raises(DicomError, match="same position"):
-        data.read_series(tmp_path / "s")
-    volume, metas = data.read_series(tmp_path / "s", allow_gaps=True)
+        dicom.read_series(tmp_path / "s")
+    volume, metas = dicom.read_series(tmp_path / "s", allow_gaps=True)
     assert volume[:, 0, 0].tolist() == [1, 2]
 
 
 def test_rescale_slope_intercept_applied(tmp_path):
     pixels = np.arange(16).reshape(4, 4)
     write_series(tmp_path / "s", [pixels], slope=0.5, intercept=-10)
-    volume, _ = data.read_series(tmp_path / "s")
+    volume, _ = dicom.read_series(tmp_path / "s")
     np.testing.assert_allclose(volume[0], pixels * 0.5 - 10)
 
 
 def test_inf_after_rescale_is_refused(tmp_path):
     write_series(tmp_path / "s", [np.full((4, 4), 1000)], slope="1e300", intercept=0)
     with pytest.raises(DicomError, match="IM_0001.dcm.*NaN or infinite"):
-        data.read_series(tmp_path / "s")
+        dicom.read_series(tmp_path / "s")
 
 
 def test_metadata_has_no_patient_identifiers(tmp_path):
     write_series(tmp_path / "KTS-0001", [np.ones((4, 4))] * 2)
-    _, metas = data.read_series(tmp_path / "KTS-0001")
+    _, metas = dicom.read_series(tmp_path / "KTS-0001")
     text = json.dumps([m.as_dict() for m in metas])
     assert "Secret" not in text and "SECRET-ID-42" not in text and "19010203" not in text
     assert metas[0].case_id == "KTS-0001" and metas[0].series_description == "t2 test"
@@ -197,7 +197,7 @@ ANATOMY = np.arange(5 * 7).reshape(5, 7)  # asymmetric, 5 rows x 7 columns as di
 ], ids=["standard", "flip-lr", "flip-ud", "rot180", "transposed", "transposed-rot180"])
 def test_orientation_flips_image_and_masks_alike(tmp_path, iop, stored):
     uids = write_series(tmp_path / "s" / "dicom", [stored + 1], iop=iop, spacing=(0.5, 0.8))
-    volume, metas = data.read_series(tmp_path / "s" / "dicom")
+    volume, metas = dicom.read_series(tmp_path / "s" / "dicom")
     np.testing.assert_array_equal(volume[0], ANATOMY + 1)
     # the same anatomy drawn as masks in the stored grid comes back aligned with the image
     kidney_stored = (stored >= 10).astype(np.uint8)
@@ -212,7 +212,7 @@ def test_orientation_flips_image_and_masks_alike(tmp_path, iop, stored):
 
 def test_orient_false_keeps_stored_grid(tmp_path):
     write_series(tmp_path / "s", [ANATOMY[:, ::-1]], iop=[-1, 0, 0, 0, 1, 0])
-    volume, metas = data.read_series(tmp_path / "s", orient=False)
+    volume, metas = dicom.read_series(tmp_path / "s", orient=False)
     np.testing.assert_array_equal(volume[0], ANATOMY[:, ::-1])
     assert not metas[0].oriented
 
@@ -227,17 +227,17 @@ def test_orient_false_keeps_stored_grid(tmp_path):
     ([-0.656, 0.755, 0, 0, 0, -1], (False, False, False)),   # nibabel's sagittal-oblique file
 ])
 def test_display_axes_for_other_planes(iop, expected):
-    assert data.display_axes(iop) == expected
+    assert dicom.display_axes(iop) == expected
 
 
 def test_to_display_on_stacks_and_bad_iop():
     stack = np.stack([ANATOMY, ANATOMY + 1])
-    out = data.to_display(stack, [-1, 0, 0, 0, 1, 0])
+    out = dicom.to_display(stack, [-1, 0, 0, 0, 1, 0])
     np.testing.assert_array_equal(out, stack[:, :, ::-1])
     with pytest.raises(ValueError, match="ImageOrientationPatient"):
-        data.to_display(ANATOMY, [0, 0, 0, 0, 0, 0])
+        dicom.to_display(ANATOMY, [0, 0, 0, 0, 0, 0])
     with pytest.raises(ValueError, match="ImageOrientationPatient"):
-        data.to_display(ANATOMY, [1, 0, 0])
+        dicom.to_display(ANATOMY, [1, 0, 0])
 
 
 # ----------------------------------------------------------------------------- DICOM error paths
@@ -247,7 +247,7 @@ def test_corrupt_bytes_refused_naming_file(tmp_path):
     write_series(tmp_path / "s", [np.ones((4, 4))])
     (tmp_path / "s" / "junk.dcm").write_bytes(np.random.default_rng(0).bytes(300))
     with pytest.raises(DicomError, match=r"junk\.dcm.*not a DICOM file"):
-        data.read_series(tmp_path / "s")
+        dicom.read_series(tmp_path / "s")
 
 
 @pytest.mark.parametrize("keep", [0.5, 0.95], ids=["cut-in-header-or-pixels", "cut-in-pixels"])
@@ -257,14 +257,14 @@ def test_truncated_file_refused_naming_file(tmp_path, keep):
     raw = path.read_bytes()
     path.write_bytes(raw[: int(len(raw) * keep)])
     with pytest.raises(DicomError, match="IM_0001.dcm"):
-        data.read_series(tmp_path / "s")
+        dicom.read_series(tmp_path / "s")
 
 
 def test_header_only_truncation_refused(tmp_path):
     path = save(make_dataset(np.ones((4, 4))), tmp_path / "s" / "x.dcm")
     path.write_bytes(path.read_bytes()[:180])
     with pytest.raises(DicomError, match=r"x\.dcm.*(truncated|not a DICOM)"):
-        data.read_series(tmp_path / "s")
+        dicom.read_series(tmp_path / "s")
 
 
 def test_rtstruct_like_object_without_pixels_refused(tmp_path):
@@ -272,7 +272,7 @@ def test_rtstruct_like_object_without_pixels_refused(tmp_path):
     rt = make_dataset(None, modality="RTSTRUCT", sop_class=RTStructureSetStorage)
     save(rt, tmp_path / "s" / "RS.dcm")
     with pytest.raises(DicomError, match=r"RS\.dcm.*not an image.*RT Structure Set Storage"):
-        data.read_series(tmp_path / "s")
+        dicom.read_series(tmp_path / "s")
 
 
 def test_two_series_in_one_folder_refused_naming_both(tmp_path):
@@ -280,7 +280,7 @@ def test_two_series_in_one_folder_refused_naming_both(tmp_path):
     write_series(tmp_path / "s", [np.ones((4, 4))], names=["b.dcm"], series_uid="1.2.3.5",
                  positions=[(0, 0, 3)])
     with pytest.raises(DicomError) as info:
-        data.read_series(tmp_path / "s")
+        dicom.read_series(tmp_path / "s")
     message = str(info.value)
     assert "1.2.3.4" in message and "1.2.3.5" in message and "a.dcm" in message and "b.dcm" in message
 
@@ -288,8 +288,8 @@ def test_two_series_in_one_folder_refused_naming_both(tmp_path):
 def test_ct_modality_refused_by_default(tmp_path):
     write_series(tmp_path / "s", [np.ones((4, 4))], modality="CT")
     with pytest.raises(DicomError, match="IM_0001.dcm.*'CT'"):
-        data.read_series(tmp_path / "s")
-    volume, _ = data.read_series(tmp_path / "s", require_modality=None)
+        dicom.read_series(tmp_path / "s")
+    volume, _ = dicom.read_series(tmp_path / "s", require_modality=None)
     assert volume.shape == (1, 4, 4)
 
 
@@ -303,7 +303,7 @@ def test_compressed_syntax_without_decoder_refused(tmp_path):
     ds["PixelData"].VR = "OB"
     save(ds, tmp_path / "s" / "comp.dcm")
     with pytest.raises(DicomError, match=rf"comp\.dcm.*{ts}.*decoder"):
-        data.read_series(tmp_path / "s")
+        dicom.read_series(tmp_path / "s")
 
 
 def test_unknown_transfer_syntax_refused(tmp_path):
@@ -314,15 +314,15 @@ def test_unknown_transfer_syntax_refused(tmp_path):
     assert len(unknown) == len(ExplicitVRLittleEndian)
     path.write_bytes(raw.replace(ExplicitVRLittleEndian.encode(), unknown, 1))
     with pytest.raises(DicomError, match=r"odd\.dcm.*unknown transfer syntax 1\.2\.826\.0\.1\.3680\.9"):
-        data.read_series(tmp_path / "s")
+        dicom.read_series(tmp_path / "s")
 
 
 def test_missing_slice_refused_naming_neighbours(tmp_path):
     arrays = [np.ones((4, 4))] * 4
     write_series(tmp_path / "s", arrays, [(0, 0, 0), (0, 0, 3), (0, 0, 6), (0, 0, 12)])
     with pytest.raises(DicomError, match=r"between IM_0003\.dcm and IM_0004\.dcm"):
-        data.read_series(tmp_path / "s")
-    volume, _ = data.read_series(tmp_path / "s", allow_gaps=True)
+        dicom.read_series(tmp_path / "s")
+    volume, _ = dicom.read_series(tmp_path / "s", allow_gaps=True)
     assert volume.shape[0] == 4
 
 
@@ -330,19 +330,19 @@ def test_non_parallel_and_mixed_size_slices_refused(tmp_path):
     write_series(tmp_path / "a", [np.ones((4, 4))], names=["a.dcm"])
     write_series(tmp_path / "a", [np.ones((4, 4))], names=["b.dcm"], iop=[1, 0, 0, 0, 0, -1], positions=[(0, 0, 3)])
     with pytest.raises(DicomError, match="not parallel"):
-        data.read_series(tmp_path / "a")
+        dicom.read_series(tmp_path / "a")
     write_series(tmp_path / "b", [np.ones((4, 4))], names=["a.dcm"])
     write_series(tmp_path / "b", [np.ones((4, 6))], names=["b.dcm"], positions=[(0, 0, 3)])
     with pytest.raises(DicomError, match="one image size"):
-        data.read_series(tmp_path / "b")
+        dicom.read_series(tmp_path / "b")
 
 
 def test_empty_or_missing_folder_refused(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DicomError, match="holds no files"):
-        data.read_series(tmp_path / "empty")
+        dicom.read_series(tmp_path / "empty")
     with pytest.raises(DicomError, match="not a folder"):
-        data.read_series(tmp_path / "nope")
+        dicom.read_series(tmp_path / "nope")
 
 
 # ----------------------------------------------------------------------------- mask error paths
@@ -352,7 +352,7 @@ def test_empty_or_missing_folder_refused(tmp_path):
 def one_case(tmp_path):
     shape = (20, 24)
     uids = write_series(tmp_path / "c" / "dicom", [np.ones(shape)] * 2)
-    _, metas = data.read_series(tmp_path / "c" / "dicom")
+    _, metas = dicom.read_series(tmp_path / "c" / "dicom")
     return tmp_path / "c" / "masks", uids, metas, shape
 
 
@@ -572,7 +572,7 @@ def test_extraction_of_30_slices_is_fast(tmp_path):
     arrays = [rng.integers(0, 4000, (360, 360)) for _ in range(30)]
     write_series(tmp_path / "s", arrays)
     start = time.perf_counter()
-    volume, _ = data.read_series(tmp_path / "s")
+    volume, _ = dicom.read_series(tmp_path / "s")
     assert volume.shape == (30, 360, 360)
     assert time.perf_counter() - start < 5.0  # about 0.3 s here; generous for a shared CPU
 
@@ -665,7 +665,7 @@ def test_phantom_series_read_back_exactly(phantom_root):
         truth = phantom.generate_case(case_index, seed=0, slices_per_case=3,
                                       weighting=phantom.weighting_for(case_index))
         case = phantom_root / phantom.case_id_for(case_index)
-        volume, metas = data.read_series(case / "dicom")
+        volume, metas = dicom.read_series(case / "dicom")
         kidney, tumour = data.read_png_masks(case / "masks", metas)
         assert [m.case_id for m in metas] == [truth[0].case_id] * 3
         for i, s in enumerate(truth):

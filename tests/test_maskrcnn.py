@@ -244,7 +244,7 @@ def test_training_learns_to_find_tumours(trained):
         assert np.all(np.diff(p["scores"]) <= 0) and np.all(p["scores"] >= model.score_threshold)
         if n:
             assert np.all(p["boxes"][:, 2] >= p["boxes"][:, 0]) and p["boxes"].max() <= 64.5
-    ap = metrics.mask_ap(list(test_labels), predictions)
+    ap = metrics.mask_ap(predictions, list(test_labels))
     assert ap["AP50"] > 0.5, ap
 
 

@@ -12,7 +12,7 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ExplicitVRLittleEndian
 
 from kts import masks
-from kts.data import read_series
+from kts.dicom import read_series
 from kts.errors import MaskError
 
 from realdata_helpers import PATIENT, make_uid, tiny_mr_datasets, write_series

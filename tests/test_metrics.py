@@ -135,11 +135,11 @@ def test_instance_matching_hand_made():
 def test_mask_ap_perfect_and_miss():
     gt = _labels((0, 6, 0, 6), (10, 16, 10, 16))
     masks = np.stack([gt == 1, gt == 2])
-    perfect = metrics.mask_ap([gt], [{"masks": masks, "scores": np.array([0.9, 0.8])}])
+    perfect = metrics.mask_ap([{"masks": masks, "scores": np.array([0.9, 0.8])}], [gt])
     assert perfect["AP"] == pytest.approx(1.0)
-    none = metrics.mask_ap([gt], [{"masks": np.zeros((0, 20, 20), bool), "scores": np.zeros(0)}])
+    none = metrics.mask_ap([{"masks": np.zeros((0, 20, 20), bool), "scores": np.zeros(0)}], [gt])
     assert none["AP"] == 0.0
-    assert math.isnan(metrics.mask_ap([np.zeros((5, 5))], [{}])["AP"])  # no tumour: undefined, not -1
+    assert math.isnan(metrics.mask_ap([{}], [np.zeros((5, 5))])["AP"])  # no tumour: undefined, not -1
 
 
 def _half_tumour_free_set():
@@ -259,11 +259,11 @@ def test_table1_with_one_seed_prints_no_spread():
     """With one seed the s.d. is undefined: Table I printed "± 0.000", as if seeds had agreed."""
     from kts import study
 
-    table = study.summarise(_runs([(0, 0.8)]))
+    table = study.table1_from_runs(_runs([(0, 0.8)]))
     assert math.isnan(table.loc[0, "iou_sd"]) and table.loc[0, "iou_mean"] == pytest.approx(0.8)
     text = study.to_markdown(table)
     assert "± 0.000" not in text and "0.800 ± n/a" in text
-    two = study.summarise(_runs([(0, 0.8), (1, 0.6)]))
+    two = study.table1_from_runs(_runs([(0, 0.8), (1, 0.6)]))
     assert two.loc[0, "iou_sd"] == pytest.approx(np.std([0.8, 0.6], ddof=1))
     assert "0.700 ± 0.141" in study.to_markdown(two)
     assert math.isnan(two.loc[0, "instance_precision_mean"])  # undefined in every seed: undefined
@@ -276,7 +276,7 @@ def test_table1_frames_its_columns_and_test_set_sizes():
 
     runs = pd.concat([_runs([(0, 0.8)]), _runs([(0, 0.5)]).assign(partition="TD-60% VD-20%", n_test_slices=5)])
     runs["tumour_iou"] = [0.61, 0.42]
-    table = study.summarise(runs)
+    table = study.table1_from_runs(runs)
     text = study.to_markdown(table)
     header = text.splitlines()[0]
     for column in ("our IoU (kidney stage)", "our IoU (tumour)", "our accuracy (inside the kidney)"):

@@ -17,7 +17,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from kts import config, explorer, pipeline, publish
+from kts import config, pipeline, publish
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"

@@ -11,7 +11,7 @@ import pydicom
 import pytest
 from scipy import ndimage
 
-from kts import phantom, plots
+from kts import masks, phantom, plots
 from kts.errors import KtsInputError
 
 
@@ -143,8 +143,8 @@ def test_png_masks_round_trip(written, tmp_path):
     rows = list(csv.DictReader((written / "cases.csv").open()))
     for row in rows:
         s = phantom.generate_case(int(row["case_id"][-4:]) - 1, seed=5, slices_per_case=2)[int(row["slice_index"])]
-        kidney = phantom.read_png(written / row["kidney_mask_file"])
-        tumor = phantom.read_png(written / row["tumor_mask_file"])
+        kidney = masks.read_png(written / row["kidney_mask_file"])
+        tumor = masks.read_png(written / row["tumor_mask_file"])
         assert Path(row["kidney_mask_file"]).name == f"{row['sop_instance_uid']}_kidney.png"
         assert kidney.dtype == np.uint8 and set(np.unique(kidney)) <= {0, 255}
         assert np.array_equal(kidney, s.kidney_mask * 255)
@@ -154,7 +154,7 @@ def test_png_masks_round_trip(written, tmp_path):
     wide = wide.astype(np.uint16)
     wide[0, 0] = 65535
     phantom.write_png(wide, tmp_path / "x.png")
-    assert np.array_equal(phantom.read_png(tmp_path / "x.png"), wide)
+    assert np.array_equal(masks.read_png(tmp_path / "x.png"), wide)
 
 
 def test_layout_and_parameters_file(written):
@@ -311,6 +311,19 @@ def test_default_root_follows_data_dir(monkeypatch, tmp_path):
     assert phantom.default_root() == tmp_path / "phantom-paper-seed0"
     assert phantom.default_root(seed=2, difficulty="hard", n_cases=10, slices_per_case=3) == \
         tmp_path / "phantom-hard-seed2-n10-s3"
+    assert phantom.default_root(seed=1, data_dir=tmp_path / "other") == tmp_path / "other" / "phantom-paper-seed1"
+
+
+def test_prepare_dataset_writes_the_phantom_at_default_root(tmp_path):
+    """The pipeline's phantom folder is the one ``default_root`` names: one rule for the name."""
+    from dataclasses import replace
+
+    from kts import config, workflow
+
+    profile = replace(config.get_profile("quick"), n_cases=3)
+    _, root = workflow.prepare_dataset(profile, seed=4, data_dir=tmp_path)
+    assert root == phantom.default_root(4, profile.difficulty, 3, profile.slices_per_case, data_dir=tmp_path)
+    assert (root / "phantom.json").is_file()
 
 
 # --------------------------------------------------------------------------- Figures 1 and 3

@@ -78,8 +78,9 @@ def test_dataset_cache_is_byte_identical(two_phantoms):
 def test_one_study_run_is_bitwise_repeatable(two_phantoms, tmp_path):
     from kts import study
 
-    profile = dataclasses.replace(config.get_profile("quick"), n_cases=N_CASES, image_size=IMAGE_SIZE,
-                                  cunet_epochs=2, maskrcnn_steps=5)
+    quick = config.get_profile("quick")
+    profile = dataclasses.replace(quick, n_cases=N_CASES, image_size=IMAGE_SIZE, maskrcnn_steps=5,
+                                  cunet_training=dataclasses.replace(quick.cunet_training, epochs=2))
     _, _, dataset = two_phantoms[0]
     records = []
     for name in ("a", "b"):

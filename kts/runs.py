@@ -1,0 +1,75 @@
+"""A resumable run and a set of them: the skeleton the split study (Table I) and the unseen-contrast
+study (notebook 07) share.
+
+A run lives in one folder. When it finishes it writes ``metrics.json`` there (its record); a
+later call finds that record and returns it without training again, so an interrupted study
+continues where it stopped. A record scored under an older rule (``kts.metrics.SCORING``) is
+not reused: the run's body is called again, reloads the finished models it finds in the folder
+(the trainers resume) and scores them afresh; the record keeps the training's wall time.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from kts import io as kts_io
+
+RECORD_FILE = "metrics.json"
+
+
+def resumable(run_dir: str | os.PathLike, body: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
+    """``body(run_dir)`` -> the run's record, unless a record scored under the current rule exists.
+
+    The record gets ``wall_s`` (the body's time, or the earlier training's when rescored) and
+    ``scoring``; keys the body already holds keep their place, so tables keep their column order.
+    """
+    from kts.metrics import SCORING
+
+    run_dir = Path(run_dir)
+    done = run_dir / RECORD_FILE
+    previous = json.loads(done.read_text()) if done.exists() else None
+    if previous is not None and previous.get("scoring") == SCORING:
+        return previous
+    run_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    record = body(run_dir)
+    record["scoring"] = SCORING
+    record["wall_s"] = round(time.perf_counter() - started, 1)
+    if previous is not None and "wall_s" in previous:  # rescored: keep the training's wall time
+        record["wall_s"] = previous["wall_s"]
+    kts_io.write_json(done, record)
+    return record
+
+
+def run_all(items: Iterable[Any], run: Callable[[Any], dict[str, Any]],
+            describe: Callable[[dict[str, Any]], str]) -> "pd.DataFrame":  # noqa: F821
+    """``run(item)`` for each item in turn, memory released after each; one table row per record.
+
+    Prints ``[i/n] describe(record) (seconds)`` as each finishes (the study's progress)."""
+    import pandas as pd
+
+    items = list(items)
+    rows = []
+    for i, item in enumerate(items, start=1):
+        t0 = time.perf_counter()
+        row = run(item)
+        release_memory()
+        print(f"[{i}/{len(items)}] {describe(row)} ({time.perf_counter() - t0:.0f} s)", flush=True)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def release_memory() -> None:
+    """Drop the finished run's models so memory stays flat across the runs of a study."""
+    import gc
+
+    import keras
+
+    from kts import maskrcnn
+
+    keras.backend.clear_session()
+    maskrcnn.clear_session()
+    gc.collect()

@@ -1,0 +1,45 @@
+"""kts.runs: the resumable-run skeleton shared by the split study and the unseen-contrast study."""
+import json
+
+import pytest
+
+from kts import metrics, runs
+
+
+def test_a_finished_run_is_returned_not_run_again(tmp_path):
+    calls = []
+
+    def body(folder):
+        calls.append(folder)
+        (folder / "model.txt").write_text("trained")
+        return {"partition": "a", "wall_s": None, "scoring": None, "dice": 0.9}
+
+    first = runs.resumable(tmp_path / "a", body)
+    assert list(first) == ["partition", "wall_s", "scoring", "dice"]  # the body's column order is kept
+    assert first["scoring"] == metrics.SCORING and first["wall_s"] >= 0
+    assert json.loads((tmp_path / "a" / runs.RECORD_FILE).read_text()) == first
+    assert runs.resumable(tmp_path / "a", body) == first and len(calls) == 1
+
+
+def test_a_record_under_an_older_scoring_rule_is_rescored_keeping_the_training_time(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / runs.RECORD_FILE).write_text(json.dumps({"dice": 0.5, "wall_s": 321.0, "scoring": "E0"}))
+    again = runs.resumable(tmp_path / "a", lambda folder: {"dice": 0.7})
+    assert again == {"dice": 0.7, "scoring": metrics.SCORING, "wall_s": 321.0}
+
+
+def test_a_failed_run_leaves_no_record(tmp_path):
+    def body(folder):
+        raise RuntimeError("out of memory")
+
+    with pytest.raises(RuntimeError):
+        runs.resumable(tmp_path / "a", body)
+    assert not (tmp_path / "a" / runs.RECORD_FILE).exists()
+
+
+def test_run_all_makes_one_row_per_item_and_reports_progress(capsys):
+    table = runs.run_all([1, 2], lambda item: {"item": item, "square": item * item},
+                         lambda row: f"item {row['item']}")
+    assert table["square"].tolist() == [1, 4]
+    out = capsys.readouterr().out
+    assert "[1/2] item 1 (" in out and "[2/2] item 2 (" in out
