@@ -13,29 +13,14 @@ from __future__ import annotations
 
 import argparse
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 
-def load_cunet(model_dir: str | os.PathLike):
-    """The best checkpoint of a ``train_cunet`` output folder (``best.keras``, else ``last.keras``)."""
-    import keras
-
-    from kts.train import BEST_FILE, LAST_FILE
-
-    folder = Path(model_dir)
-    for name in (BEST_FILE, LAST_FILE):
-        if (folder / name).is_file():
-            return keras.saving.load_model(folder / name, safe_mode=True)
-    raise ValueError(f"{folder}: no {BEST_FILE} or {LAST_FILE}; give the folder a CU-Net was trained into "
-                     "(e.g. work/study/70-6-seed0/cunet)")
-
-
 def propose_kidney_masks(model: Any, series_folder: str | os.PathLike, out_path: str | os.PathLike,
                          threshold: float = 0.5) -> dict[str, Any]:
-    """Segment the kidneys of one MR series with ``model`` and write them as a proposal DICOM-SEG.
+    """Segment the kidneys of one MR series with ``model`` (or the CU-Net training folder holding it) and write them as a proposal DICOM-SEG.
 
     Each slice goes through the preprocessing of the training data (``kts.data.normalise``,
     resize to the model's input), the CU-Net's probabilities are thresholded and resized back to
@@ -43,10 +28,10 @@ def propose_kidney_masks(model: Any, series_folder: str | os.PathLike, out_path:
     Returns the path and the kidney fraction per slice (a reviewer's first check).
     """
     from kts import data, dicom, masks
-    from kts.train import predict_probabilities
+    from kts.train import load_best_model, predict_probabilities
 
     if isinstance(model, (str, os.PathLike)):
-        model = load_cunet(model)
+        model = load_best_model(model)
     if not 0.0 < float(threshold) < 1.0:
         raise ValueError(f"threshold must be in (0, 1), got {threshold!r}")
     volume, metas = dicom.read_series(series_folder, require_modality="MR")

@@ -387,6 +387,18 @@ def _save_model(model, path: Path) -> str:
     return kts_io.sha256_file(path)
 
 
+def load_best_model(out_dir: str | os.PathLike):
+    """The best CU-Net a :func:`train_cunet` folder holds (``best.keras``, else ``last.keras``), checked
+    against its ``state.json``; ``ValueError`` naming the folder when it holds neither."""
+    out_dir = Path(out_dir)
+    state = _load_state(out_dir) or {}
+    name = BEST_FILE if BEST_FILE in state.get("files", {}) or (out_dir / BEST_FILE).exists() else LAST_FILE
+    if not (out_dir / name).exists() and name not in state.get("files", {}):
+        raise ValueError(f"{out_dir}: no {BEST_FILE} or {LAST_FILE}; give the folder a CU-Net was trained into "
+                         "(e.g. work/study/70-6-seed0/cunet)")
+    return keras.saving.load_model(checkpoint_path(out_dir, name, state), safe_mode=True)
+
+
 def checkpoint_path(out_dir: Path, name: str, state: dict | None) -> Path:
     """The checkpoint file that belongs to the epoch ``state.json`` records (the file or its ``.prev``)."""
     path = Path(out_dir) / name
@@ -421,8 +433,7 @@ def _finish(out_dir: Path, rows: list[dict], stopped: bool) -> TrainResult:
     import pandas as pd
 
     state = _load_state(out_dir) or {}
-    name = BEST_FILE if BEST_FILE in state.get("files", {}) or (out_dir / BEST_FILE).exists() else LAST_FILE
-    model = keras.saving.load_model(checkpoint_path(out_dir, name, state), safe_mode=True)
+    model = load_best_model(out_dir)
     history = pd.DataFrame(rows)
     return TrainResult(model=model, history=history, out_dir=out_dir,
                        best_epoch=int(state.get("best_epoch", len(rows))), stopped_early=bool(stopped))

@@ -36,7 +36,7 @@ def test_the_command_line_writes_the_same_and_bad_input_is_named(series_and_mode
                            "--out", str(tmp_path / "p.dcm")]) == 0
     assert "PROPOSALS" in capsys.readouterr().out and (tmp_path / "p.dcm").is_file()
     with pytest.raises(ValueError, match="no best.keras"):
-        proposals.load_cunet(tmp_path)
+        proposals.propose_kidney_masks(tmp_path, series, tmp_path / "r.dcm")
     with pytest.raises(ValueError, match="threshold"):
         proposals.propose_kidney_masks(model_dir, series, tmp_path / "q.dcm", threshold=1.5)
     assert not (tmp_path / "q.dcm").exists()
