@@ -327,4 +327,44 @@ def contrasts_figure(images: Sequence[np.ndarray], kidney_masks: Sequence[np.nda
     return fig
 
 
+def table1_figure(table, *, width: float = 10.0) -> Figure:
+    """Table I as bars, one group per partition (section IV): the paper's IoU and accuracy beside ours.
+
+    ``table`` is ``kts.study.table1_from_runs`` output. Left: IoU (paper; ours, kidney stage; ours,
+    tumour). Right: accuracy (paper; ours over whole slices, which background flatters; ours inside
+    the kidney) and, as the foreground measure kts adds, the tumour Dice. Error bars: s.d. over seeds
+    where there are several.
+    """
+    import pandas as pd
+
+    table = pd.DataFrame(table)
+    needed = {"partition", "paper_iou", "paper_accuracy", "iou_mean", "tumour_iou_mean", "accuracy_mean",
+              "accuracy_in_kidney_mean", "tumour_dice_mean"}
+    missing = sorted(needed - set(table.columns))
+    if missing or table.empty:
+        raise ValueError(f"table1_figure needs kts.study.table1_from_runs output; missing columns {missing}"
+                         if missing else "table1_figure got an empty table")
+    panels = (("IoU", [("paper", "paper_iou"), ("ours: kidney stage", "iou"), ("ours: tumour", "tumour_iou")]),
+              ("accuracy and Dice", [("paper accuracy", "paper_accuracy"), ("ours: accuracy, whole slice", "accuracy"),
+                                     ("ours: accuracy in the kidney", "accuracy_in_kidney"),
+                                     ("ours: tumour Dice", "tumour_dice")]))
+    fig = Figure(figsize=(width, 3.6), layout="constrained")
+    axes = fig.subplots(1, 2, sharey=True)
+    x = np.arange(len(table))
+    for ax, (title, bars) in zip(axes, panels):
+        step = 0.8 / len(bars)
+        for k, (label, key) in enumerate(bars):
+            column = key if key.startswith("paper") else f"{key}_mean"
+            sd = table.get(f"{key}_sd") if not key.startswith("paper") else None
+            errors = None if sd is None or sd.isna().all() else sd.fillna(0.0).to_numpy()
+            ax.bar(x + (k - (len(bars) - 1) / 2) * step, table[column].to_numpy(float), step, yerr=errors,
+                   label=label, color="0.6" if key.startswith("paper") else None, capsize=2)
+        ax.set_xticks(x, [str(p).replace(" VD", "\nVD") for p in table["partition"]], fontsize=8)
+        ax.set_ylim(0.0, 1.05)
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=7, loc="lower right")
+    axes[0].set_ylabel("score on the test slices")
+    return fig
+
+
 show_inline()

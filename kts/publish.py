@@ -214,6 +214,7 @@ def index_markdown(rows: list[tuple[str, dict]], profile: str, parameters: dict,
              "",
              *([f"Parameters beyond the profile's: {passed} (see each notebook's parameters cell).", ""]
                if passed else []),
+             *([f"This run: {provenance['note']}.", ""] if provenance.get("note") else []),
              "| notebook | figures | tables | run time |",
              "|---|---:|---:|---:|"]
     for name, row in rows:

@@ -19,3 +19,23 @@ def test_figure5_has_panel_titles_and_a_legend_for_fill_and_outline():
     assert any("fill" in label for label in labels) and any("outline" in label for label in labels)
     without_truth = plots.figure5(images, kidney, kidney, tumour)
     assert [t.get_text() for t in without_truth.legends[0].get_texts()] == labels[:1]
+
+
+def test_table1_figure_draws_the_paper_beside_ours_with_spreads():
+    import pandas as pd
+    import pytest
+
+    table = pd.DataFrame({"partition": ["TD-70% VD-6%", "TD-60% VD-20%"], "paper_iou": [0.875, 0.831],
+                          "paper_accuracy": [0.912, 0.819], "iou_mean": [0.8, 0.7], "iou_sd": [0.02, 0.03],
+                          "tumour_iou_mean": [0.6, 0.5], "tumour_iou_sd": [float("nan")] * 2,
+                          "accuracy_mean": [0.99, 0.98], "accuracy_in_kidney_mean": [0.97, 0.96],
+                          "tumour_dice_mean": [0.9, 0.8]})
+    fig = plots.table1_figure(table)
+    iou_axes, accuracy_axes = fig.axes
+    heights = [[round(b.get_height(), 3) for b in c] for c in iou_axes.containers if hasattr(c, "patches")]
+    assert heights == [[0.875, 0.831], [0.8, 0.7], [0.6, 0.5]]
+    assert sum(1 for c in accuracy_axes.containers if hasattr(c, "patches")) == 4
+    assert [t.get_text() for t in iou_axes.get_legend().get_texts()][0] == "paper"
+    assert any(c.has_yerr for c in iou_axes.containers if hasattr(c, "has_yerr"))  # the s.d. over seeds
+    with pytest.raises(ValueError, match="missing columns"):
+        plots.table1_figure(table.drop(columns="paper_iou"))
