@@ -63,7 +63,10 @@ def run_all(items: Iterable[Any], run: Callable[[Any], dict[str, Any]],
 
 
 def release_memory() -> None:
-    """Drop the finished run's models so memory stays flat across the runs of a study."""
+    """Drop the finished run's models, then hand the freed heap back to the operating system.
+
+    TensorFlow frees through glibc's ``malloc``, which keeps freed pages in its arenas: without
+    ``malloc_trim`` a study's process held about 230 MB more after each Mask R-CNN run (issue 15)."""
     import gc
 
     import keras
@@ -73,3 +76,21 @@ def release_memory() -> None:
     keras.backend.clear_session()
     maskrcnn.clear_session()
     gc.collect()
+    trim_heap()
+
+
+def trim_heap() -> bool:
+    """``malloc_trim(0)`` where the C library is glibc (Linux); elsewhere nothing. True if it ran."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        trim = getattr(libc, "malloc_trim", None)
+    except OSError:
+        trim = None
+    if trim is None:
+        return False
+    trim(0)
+    return True
