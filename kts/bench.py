@@ -6,6 +6,8 @@ Speed goals live here, never in timed tests. Sections (``--sections``):
 ``cunet``           CU-Net (Algorithm 1, section III.A.3) at the paper's settings (320x320x1, z=16,
                     batch 4, section IV): forward FLOPs (TF profiler vs :func:`kts.cunet.forward_flops`),
                     training and inference images/s, the fraction of the ceiling, per-layer times
+``train_step``      one CU-Net training step as ``train_cunet`` runs it, taken apart: forward, backward,
+                    Adam, Keras' step, the recipe's metrics, input pipeline and epoch loop, checkpoint
 ``variations``      what could lift CU-Net: threads, batch 2/4/8, oneDNN off, op determinism, XLA, bf16
 ``torch``           the same architecture in PyTorch (channels-last), when ``torch`` is installed
 ``input_pipeline``  training from :func:`kts.train.make_dataset` vs from pre-materialised tensors
@@ -41,10 +43,10 @@ from kts import io as kts_io
 from kts.io import markdown_table
 
 SCHEMA_VERSION = 1
-SECTIONS = ("ceiling", "cunet", "variations", "torch", "input_pipeline", "maskrcnn", "data",
+SECTIONS = ("ceiling", "cunet", "train_step", "variations", "torch", "input_pipeline", "maskrcnn", "data",
             "e2e_quick", "e2e_paper")
 DEFAULT_SECTIONS = tuple(s for s in SECTIONS if s != "e2e_paper")
-QUICK_SECTIONS = ("ceiling", "cunet", "input_pipeline", "data")
+QUICK_SECTIONS = ("ceiling", "cunet", "train_step", "input_pipeline", "data")
 
 
 def cunet_settings(profile: str) -> dict[str, int]:
@@ -202,10 +204,18 @@ def render_markdown(results: dict[str, Any]) -> str:
     add("cunet", f"inference ({label})", u.get("infer_images_per_s"), "img/s")
     add("cunet", "training / ceiling", u.get("train_fraction_of_ceiling"), "fraction", "cunet_train_fraction_of_ceiling")
     add("cunet", "inference / ceiling", u.get("infer_fraction_of_ceiling"), "fraction", "cunet_infer_fraction_of_ceiling")
+    ts = results.get("train_step", {}) or {}
+    for part in ts.get("parts") or []:
+        add("train_step", f"{part['part']}: {part['what']}", f"{part['ms']:.1f} ms ({part['share']:.0%})", "ms/step")
+    if ts.get("step_ms"):
+        add("train_step", f"one step as train_cunet runs it (op determinism, {ts.get('steps_per_epoch')} steps/epoch)",
+            ts["step_ms"], "ms")
     for row in results.get("variations", {}).get("rows") or []:
         add("variations", f"{row['name']}: train / infer", f"{_fmt(row.get('train_images_per_s'))} / "
             f"{_fmt(row.get('infer_images_per_s'))}", "img/s")
     t = results.get("torch", {})
+    add("torch", "kts training (interleaved with PyTorch, op determinism)", t.get("kts_train_images_per_s"), "img/s")
+    add("torch", "kts inference (interleaved)", t.get("kts_infer_images_per_s"), "img/s")
     add("torch", "PyTorch training", t.get("train_images_per_s"), "img/s")
     add("torch", "PyTorch inference", t.get("infer_images_per_s"), "img/s")
     add("torch", "kts / PyTorch, training", t.get("kts_over_torch_train"), "ratio", "kts_over_torch_train")
@@ -396,6 +406,71 @@ def _layer_times(model, batch: int, warmup: int, repeats: int) -> list[dict]:
     return rows
 
 
+def task_train_step(size: int, z: int, batch: int, warmup: int, repeats: int, epoch_steps: int) -> dict:
+    """Where one CU-Net training step's time goes, as ``train_cunet`` runs it (op determinism on, the
+    recipe's loss, Adam and metrics): milliseconds of nested variants of the step, each adding one part,
+    plus the per-epoch checkpoint (``last.keras``) spread over an epoch's ``epoch_steps`` steps."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from kts.cunet import build_cunet
+    from kts.train import compile_cunet, make_dataset, steps_per_epoch
+
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.random((batch, size, size, 1), dtype=np.float32))
+    y = tf.constant((rng.random((batch, size, size, 1)) > 0.97).astype(np.float32))
+
+    def ms(fn) -> list[float]:
+        return [t * 1e3 for t in time_repeats(fn, warmup, repeats, 0.5)]
+
+    model = build_cunet(input_shape=(size, size, 1), z=z)
+    compile_cunet(model, 1e-3)
+    loss_fn, optimizer, weights = model.loss, model.optimizer, model.trainable_variables
+
+    @tf.function
+    def forward():
+        return model(x, training=True)
+
+    @tf.function
+    def forward_backward():
+        with tf.GradientTape() as tape:
+            loss = loss_fn(y, model(x, training=True))
+        return tape.gradient(loss, weights)[0]
+
+    @tf.function
+    def forward_backward_adam():
+        with tf.GradientTape() as tape:
+            loss = loss_fn(y, model(x, training=True))
+        optimizer.apply_gradients(zip(tape.gradient(loss, weights), weights))
+        return loss
+
+    out = {"forward": ms(lambda: forward().numpy()), "forward_backward": ms(lambda: forward_backward().numpy()),
+           "forward_backward_adam": ms(lambda: forward_backward_adam().numpy()),
+           "train_on_batch": ms(lambda: model.train_on_batch(x, y))}
+    bare = build_cunet(input_shape=(size, size, 1), z=z)
+    bare.compile(optimizer=keras.optimizers.Adam(1e-3), loss=keras.losses.BinaryCrossentropy())
+    out["train_on_batch_without_metrics"] = ms(lambda: bare.train_on_batch(x, y))
+    # fit over make_dataset (input pipeline, Keras' epoch loop and callbacks), per step
+    n_images = max(epoch_steps * batch // 2, 1)
+    images = rng.uniform(0, 255, (n_images, size, size)).astype(np.float32)
+    masks = rng.random((n_images, size, size)) > 0.97
+    per_epoch = steps_per_epoch(n_images, batch)
+    dataset = make_dataset(images, masks, batch, seed=0, epochs=repeats + 1)
+    model.fit(dataset, epochs=1, steps_per_epoch=per_epoch, verbose=0, shuffle=False)
+    fit_ms = []
+    for epoch in range(1, repeats + 1):
+        t0 = time.perf_counter()
+        model.fit(dataset, initial_epoch=epoch, epochs=epoch + 1, steps_per_epoch=per_epoch, verbose=0, shuffle=False)
+        fit_ms.append((time.perf_counter() - t0) / per_epoch * 1e3)
+    out["fit_per_step"] = fit_ms
+    with tempfile.TemporaryDirectory() as tmp:
+        out["checkpoint_per_epoch"] = ms(lambda: model.save(Path(tmp) / "last.keras"))
+    out["steps_per_epoch"] = per_epoch
+    return out
+
+
 def task_input_pipeline(size: int, z: int, batch: int, n_images: int, steps: int, repeats: int) -> dict:
     """Seconds per training step through ``make_dataset`` (flip augmentation, stateless shuffle)
     vs through pre-materialised batches; the two are alternated so load changes hit both."""
@@ -581,6 +656,7 @@ def torch_cunet(z: int = 16, mu: Sequence[int] = (1, 2, 4, 8), channels: int = 1
 TASKS: dict[str, Callable[..., dict]] = {
     "matmul": task_matmul, "cunet": task_cunet, "input_pipeline": task_input_pipeline,
     "maskrcnn": task_maskrcnn, "data": task_data, "torch_cunet": task_torch_cunet,
+    "train_step": task_train_step,
 }
 
 
@@ -648,13 +724,16 @@ CUNET_KEYS = ("input_size", "z", "batch_size", "paper_settings", "params", "flop
               "infer_gflops_per_s", "train_fraction_of_ceiling", "infer_fraction_of_ceiling", "layers",
               "conv_share_of_inference", "limits", "load_average")
 VARIATION_KEYS = ("rows", "best_train", "best_infer", "load_average")
-TORCH_KEYS = ("version", "threads", "params", "train_images_per_s", "infer_images_per_s", "kts_over_torch_train",
-              "kts_over_torch_infer", "load_average")
+TORCH_KEYS = ("version", "threads", "params", "rounds", "order", "train_images_per_s", "infer_images_per_s",
+              "kts_train_images_per_s", "kts_infer_images_per_s", "kts_over_torch_train", "kts_over_torch_infer",
+              "load_average")
 PIPELINE_KEYS = ("n_images", "batch_size", "steps", "input_size", "pipeline_s_per_step", "tensors_s_per_step",
                  "overhead_pct", "load_average")
 MASKRCNN_KEYS = ("quick", "paper", "load_average")
 DATA_KEYS = ("n_cases", "n_slices", "generate_slices_per_s", "write_slices_per_s", "read_series_slices_per_s",
              "build_dataset_slices_per_s", "load_average")
+TRAIN_STEP_KEYS = ("input_size", "z", "batch_size", "steps_per_epoch", "variants_ms", "step_ms", "parts",
+                   "load_average")
 E2E_KEYS = ("profile", "command", "returncode", "wall_s", "wall_min", "wall_min_per_seed", "seeds",
             "peak_rss_gb", "peak_rss_largest_process_gb", "load_average")
 
@@ -717,6 +796,54 @@ def section_cunet(s: dict, ceiling: float | None) -> dict:
     out["infer_gflops_per_s"], out["infer_fraction_of_ceiling"] = _fraction(out["infer_images_per_s"], flops, 1, ceiling)
     out["limits"], out["conv_share_of_inference"] = _limits(out, ceiling)
     return out
+
+
+STEP_PARTS = (
+    # name, what it adds, measured as (variant, minus variant)
+    ("forward", "the forward pass (training=True: batch norm on batch statistics, dropout)", "forward", None),
+    ("backward", "the gradients", "forward_backward", "forward"),
+    ("adam", "the Adam update of 2.2 M weights", "forward_backward_adam", "forward_backward"),
+    ("keras_step", "Keras' train step around it (loss tracking, dispatch)", "train_on_batch_without_metrics",
+     "forward_backward_adam"),
+    ("metrics", "the recipe's accuracy and IoU metrics", "train_on_batch", "train_on_batch_without_metrics"),
+    ("input_and_loop", "the input pipeline (make_dataset), Keras' epoch loop and callbacks", "fit_per_step",
+     "train_on_batch"),
+)
+
+
+def section_train_step(s: dict) -> dict:
+    """One CU-Net training step as ``train_cunet`` runs it, taken apart (issue 15): ms per part."""
+    from kts.train import steps_per_epoch
+
+    out = _skipped_template(TRAIN_STEP_KEYS, None)
+    n_train = round(0.7 * _profile_cases(s))  # TD-70%: the training slices of notebook 02
+    epoch_steps = steps_per_epoch(n_train, s["cunet_batch"])
+    out.update(input_size=s["cunet_size"], z=s["cunet_z"], batch_size=s["cunet_batch"], steps_per_epoch=epoch_steps)
+    run = spawn([{"name": "train_step", "params": {"size": s["cunet_size"], "z": s["cunet_z"], "batch": s["cunet_batch"],
+                                                   "warmup": s["warmup"], "repeats": s["repeats"],
+                                                   "epoch_steps": epoch_steps}}], determinism=True)
+    out["load_average"] = run["load_average"]
+    result = run["results"][0]
+    if not result.get("ok"):
+        out["skipped"] = result["error"]
+        return out
+    v = result["value"]
+    med = {k: statistics.median(v[k]) for k in v if isinstance(v[k], list)}
+    out["variants_ms"] = {k: round(x, 2) for k, x in med.items()}
+    parts = [(name, what, med[a] - (med[b] if b else 0.0)) for name, what, a, b in STEP_PARTS]
+    parts.append(("checkpoint", "saving last.keras once per epoch, spread over its steps",
+                  med["checkpoint_per_epoch"] / v["steps_per_epoch"]))
+    total = med["fit_per_step"] + med["checkpoint_per_epoch"] / v["steps_per_epoch"]
+    out["step_ms"] = round(total, 2)
+    out["parts"] = [{"part": name, "what": what, "ms": round(ms, 2), "share": round(ms / total, 4)}
+                    for name, what, ms in parts]
+    return out
+
+
+def _profile_cases(s: dict) -> int:
+    from kts import config
+
+    return config.get_profile("quick" if s["cunet_size"] == cunet_settings("quick")["size"] else "paper").n_cases
 
 
 def _limits(cunet: dict, ceiling: float | None) -> tuple[list[str], float | None]:
@@ -798,7 +925,10 @@ def section_variations(s: dict, ceiling: float | None, flops: int | None, baseli
     return out
 
 
-def section_torch(s: dict, cunet: dict) -> dict:
+def section_torch(s: dict, cunet: dict, rounds: int = 3) -> dict:
+    """kts against the same CU-Net in PyTorch, interleaved (kts, torch, kts, torch, ...), each run a fresh
+    process with the same network, batch, input size and threads; kts as ``train_cunet`` runs it (op
+    determinism on). The figure is the ratio of the medians over all repeats of all rounds."""
     out = _skipped_template(TORCH_KEYS, None)
     import importlib.util
 
@@ -806,18 +936,31 @@ def section_torch(s: dict, cunet: dict) -> dict:
         out["skipped"] = "torch is not installed (optional: pip install 'kts[bench]')"
         return out
     expected = cunet_param_count(z=s["cunet_z"])
-    v = _spawn_one(out, [{"name": "torch_cunet", "params": {"size": s["cunet_size"], "z": s["cunet_z"],
-                                                    "batch": s["cunet_batch"], "warmup": s["warmup"],
-                                                    "repeats": s["repeats"], "expected_params": expected}}])
-    if v is None:
-        return out
-    out.update(version=v["version"], threads=v["threads"], params=v["params"],
-               train_images_per_s=median_of_repeats(v["train_images_per_s"], "images/s"),
-               infer_images_per_s=median_of_repeats(v["infer_images_per_s"], "images/s"))
+    torch_task = {"name": "torch_cunet", "params": {"size": s["cunet_size"], "z": s["cunet_z"], "batch": s["cunet_batch"],
+                                                    "warmup": s["warmup"], "repeats": s["repeats"],
+                                                    "expected_params": expected}}
+    rates: dict[str, dict[str, list[float]]] = {"kts": {"train": [], "infer": []}, "torch": {"train": [], "infer": []}}
+    loads, order = [], []
+    for _ in range(rounds):
+        for who, task, determinism in (("kts", _cunet_task(s), True), ("torch", torch_task, False)):
+            run = spawn([task], determinism=determinism)
+            loads.append(run["load_average"])
+            order.append(who)
+            result = run["results"][0]
+            if not result.get("ok"):
+                out["skipped"] = f"{who}: {result['error']}"
+                return out
+            for mode in ("train", "infer"):
+                rates[who][mode] += result["value"][f"{mode}_images_per_s"]
+            if who == "torch":
+                out.update(version=result["value"]["version"], threads=result["value"]["threads"],
+                           params=result["value"]["params"])
+    out["load_average"], out["order"], out["rounds"] = loads, order, rounds
     for mode in ("train", "infer"):
-        kts_rate = median_of(cunet.get(f"{mode}_images_per_s"))
-        if kts_rate:
-            out[f"kts_over_torch_{mode}"] = round(kts_rate / out[f"{mode}_images_per_s"]["median"], 4)
+        out[f"{mode}_images_per_s"] = median_of_repeats(rates["torch"][mode], "images/s")
+        out[f"kts_{mode}_images_per_s"] = median_of_repeats(rates["kts"][mode], "images/s")
+        out[f"kts_over_torch_{mode}"] = round(out[f"kts_{mode}_images_per_s"]["median"]
+                                              / out[f"{mode}_images_per_s"]["median"], 4)
     return out
 
 
@@ -980,7 +1123,7 @@ def run_benchmark(sections: Sequence[str] | None = None, quick: bool = False,
             return "takes hours: run with --sections e2e_paper"
         return f"not run in --quick mode: ask with --sections {name}" if quick else "not among --sections"
 
-    keys = {"ceiling": CEILING_KEYS, "cunet": CUNET_KEYS, "variations": VARIATION_KEYS, "torch": TORCH_KEYS,
+    keys = {"ceiling": CEILING_KEYS, "cunet": CUNET_KEYS, "train_step": TRAIN_STEP_KEYS, "variations": VARIATION_KEYS, "torch": TORCH_KEYS,
             "input_pipeline": PIPELINE_KEYS, "maskrcnn": MASKRCNN_KEYS, "data": DATA_KEYS, "e2e_quick": E2E_KEYS,
             "e2e_paper": E2E_KEYS}
     for name in SECTIONS:
@@ -1014,6 +1157,7 @@ def run_benchmark(sections: Sequence[str] | None = None, quick: bool = False,
     timed("ceiling", lambda: section_ceiling(s))
     ceiling = median_of(results["ceiling"].get("tf_all_core"))
     timed("cunet", lambda: section_cunet(s, ceiling))
+    timed("train_step", lambda: section_train_step(s))
     flops = results["cunet"].get("flops_forward_analytic")
     if flops is None and "variations" in chosen:  # variations alone: count analytically
         from kts.cunet import build_cunet, forward_flops
@@ -1023,7 +1167,7 @@ def run_benchmark(sections: Sequence[str] | None = None, quick: bool = False,
     if v.get("best_train") and results["cunet"].get("limits"):
         results["cunet"]["limits"].append(f"of the variations tried, the fastest for training was {v['best_train']!r} "
                                           f"and for inference {v['best_infer']!r} (see variations.rows).")
-    timed("torch", lambda: section_torch(s, results["cunet"]))
+    timed("torch", lambda: section_torch(s, results["cunet"], rounds=2 if quick else 3))
     timed("input_pipeline", lambda: section_input_pipeline(s))
     timed("maskrcnn", lambda: section_maskrcnn(s))
     timed("data", lambda: section_data(s))

@@ -129,7 +129,8 @@ def test_quick_benchmark_writes_every_field(tmp_path):
     for key in ("cpu_model", "cores", "memory_gb", "versions", "onednn_opts", "date"):
         assert results["machine"][key] is not None, key
     assert len(results["load_average_start"]) == 3 and len(results["load_average_end"]) == 3
-    expected = {"ceiling": bench.CEILING_KEYS, "cunet": bench.CUNET_KEYS, "variations": bench.VARIATION_KEYS,
+    expected = {"ceiling": bench.CEILING_KEYS, "cunet": bench.CUNET_KEYS, "train_step": bench.TRAIN_STEP_KEYS,
+                "variations": bench.VARIATION_KEYS,
                 "torch": bench.TORCH_KEYS, "input_pipeline": bench.PIPELINE_KEYS, "maskrcnn": bench.MASKRCNN_KEYS,
                 "data": bench.DATA_KEYS, "e2e_quick": bench.E2E_KEYS, "e2e_paper": bench.E2E_KEYS}
     for section, keys in expected.items():
@@ -147,6 +148,10 @@ def test_quick_benchmark_writes_every_field(tmp_path):
     assert cunet["flops_forward_profiler"] == pytest.approx(cunet["flops_forward_analytic"], rel=0.02)
     assert 0 < cunet["train_fraction_of_ceiling"] and 0 < cunet["infer_fraction_of_ceiling"]
     assert cunet["layers"] and cunet["limits"]
+    step = results["train_step"]  # issue 15: one training step taken apart, each part with its share
+    assert [p["part"] for p in step["parts"]] == [name for name, *_ in bench.STEP_PARTS] + ["checkpoint"]
+    assert step["step_ms"] > 0 and sum(p["ms"] for p in step["parts"]) == pytest.approx(step["step_ms"], rel=1e-3)
+    assert "train_step" in (tmp_path / "bench.md").read_text()
     assert set(results["goals"]) == set(bench.GOALS)
     for name, g in results["goals"].items():
         assert {"goal", "value", "met"} <= set(g), name
