@@ -237,6 +237,8 @@ def render_markdown(results: dict[str, Any]) -> str:
     q = results.get("e2e_quick", {})
     add("e2e", "quick profile wall", q.get("wall_min"), "min", "e2e_quick_wall_min")
     add("e2e", "quick profile peak RSS", q.get("peak_rss_gb"), "GB", "e2e_quick_peak_rss_gb")
+    for notebook, seconds in (q.get("wall_s_per_notebook") or {}).items():
+        add("e2e", f"quick: {notebook}", seconds, "s")
     pp = results.get("e2e_paper", {})
     add("e2e", "paper profile wall per seed", pp.get("wall_min_per_seed"), "min", "e2e_paper_wall_min_per_seed")
 
@@ -406,10 +408,10 @@ def _layer_times(model, batch: int, warmup: int, repeats: int) -> list[dict]:
     return rows
 
 
-def task_train_step(size: int, z: int, batch: int, warmup: int, repeats: int, epoch_steps: int) -> dict:
+def task_train_step(size: int, z: int, batch: int, warmup: int, repeats: int, n_train: int) -> dict:
     """Where one CU-Net training step's time goes, as ``train_cunet`` runs it (op determinism on, the
     recipe's loss, Adam and metrics): milliseconds of nested variants of the step, each adding one part,
-    plus the per-epoch checkpoint (``last.keras``) spread over an epoch's ``epoch_steps`` steps."""
+    plus the per-epoch checkpoint (``last.keras``) spread over the steps of an epoch of ``n_train`` slices."""
     import keras
     import numpy as np
     import tensorflow as tf
@@ -452,18 +454,25 @@ def task_train_step(size: int, z: int, batch: int, warmup: int, repeats: int, ep
     bare = build_cunet(input_shape=(size, size, 1), z=z)
     bare.compile(optimizer=keras.optimizers.Adam(1e-3), loss=keras.losses.BinaryCrossentropy())
     out["train_on_batch_without_metrics"] = ms(lambda: bare.train_on_batch(x, y))
-    # fit over make_dataset (input pipeline, Keras' epoch loop and callbacks), per step
-    n_images = max(epoch_steps * batch // 2, 1)
-    images = rng.uniform(0, 255, (n_images, size, size)).astype(np.float32)
-    masks = rng.random((n_images, size, size)) > 0.97
-    per_epoch = steps_per_epoch(n_images, batch)
+    # fit over make_dataset (input pipeline, Keras' epoch loop, callbacks, validation), per step
+    images = rng.uniform(0, 255, (n_train, size, size)).astype(np.float32)
+    masks = rng.random((n_train, size, size)) > 0.97
+    per_epoch = steps_per_epoch(n_train, batch)
+    validation = (x[:2], y[:2])  # I_beta of TD-70%: two slices, scored after every epoch
+    epoch_s: list[float] = []
+
+    class EpochTimes(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.t0 = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            epoch_s.append(time.perf_counter() - self.t0)
+
+    # one fit over several epochs, as train_cunet calls it (each new fit call would trace again)
     dataset = make_dataset(images, masks, batch, seed=0, epochs=repeats + 1)
-    model.fit(dataset, epochs=1, steps_per_epoch=per_epoch, verbose=0, shuffle=False)
-    fit_ms = []
-    for epoch in range(1, repeats + 1):
-        t0 = time.perf_counter()
-        model.fit(dataset, initial_epoch=epoch, epochs=epoch + 1, steps_per_epoch=per_epoch, verbose=0, shuffle=False)
-        fit_ms.append((time.perf_counter() - t0) / per_epoch * 1e3)
+    model.fit(dataset, epochs=repeats + 1, steps_per_epoch=per_epoch, verbose=0, shuffle=False,
+              validation_data=validation, validation_batch_size=batch, callbacks=[EpochTimes()])
+    fit_ms = [t / per_epoch * 1e3 for t in epoch_s[1:]]  # epoch 0 holds the tracing
     out["fit_per_step"] = fit_ms
     with tempfile.TemporaryDirectory() as tmp:
         out["checkpoint_per_epoch"] = ms(lambda: model.save(Path(tmp) / "last.keras"))
@@ -735,7 +744,7 @@ DATA_KEYS = ("n_cases", "n_slices", "generate_slices_per_s", "write_slices_per_s
 TRAIN_STEP_KEYS = ("input_size", "z", "batch_size", "steps_per_epoch", "variants_ms", "step_ms", "parts",
                    "load_average")
 E2E_KEYS = ("profile", "command", "returncode", "wall_s", "wall_min", "wall_min_per_seed", "seeds",
-            "peak_rss_gb", "peak_rss_largest_process_gb", "load_average")
+            "peak_rss_gb", "peak_rss_largest_process_gb", "wall_s_per_notebook", "load_average")
 
 
 def section_ceiling(s: dict) -> dict:
@@ -806,28 +815,27 @@ STEP_PARTS = (
     ("keras_step", "Keras' train step around it (loss tracking, dispatch)", "train_on_batch_without_metrics",
      "forward_backward_adam"),
     ("metrics", "the recipe's accuracy and IoU metrics", "train_on_batch", "train_on_batch_without_metrics"),
-    ("input_and_loop", "the input pipeline (make_dataset), Keras' epoch loop and callbacks", "fit_per_step",
+    ("input_and_loop", "the input pipeline (make_dataset), Keras' epoch loop, callbacks and validation",
+     "fit_per_step",
      "train_on_batch"),
 )
 
 
 def section_train_step(s: dict) -> dict:
     """One CU-Net training step as ``train_cunet`` runs it, taken apart (issue 15): ms per part."""
-    from kts.train import steps_per_epoch
-
     out = _skipped_template(TRAIN_STEP_KEYS, None)
     n_train = round(0.7 * _profile_cases(s))  # TD-70%: the training slices of notebook 02
-    epoch_steps = steps_per_epoch(n_train, s["cunet_batch"])
-    out.update(input_size=s["cunet_size"], z=s["cunet_z"], batch_size=s["cunet_batch"], steps_per_epoch=epoch_steps)
+    out.update(input_size=s["cunet_size"], z=s["cunet_z"], batch_size=s["cunet_batch"])
     run = spawn([{"name": "train_step", "params": {"size": s["cunet_size"], "z": s["cunet_z"], "batch": s["cunet_batch"],
                                                    "warmup": s["warmup"], "repeats": s["repeats"],
-                                                   "epoch_steps": epoch_steps}}], determinism=True)
+                                                   "n_train": n_train}}], determinism=True)
     out["load_average"] = run["load_average"]
     result = run["results"][0]
     if not result.get("ok"):
         out["skipped"] = result["error"]
         return out
     v = result["value"]
+    out["steps_per_epoch"] = v["steps_per_epoch"]
     med = {k: statistics.median(v[k]) for k in v if isinstance(v[k], list)}
     out["variants_ms"] = {k: round(x, 2) for k, x in med.items()}
     parts = [(name, what, med[a] - (med[b] if b else 0.0)) for name, what, a, b in STEP_PARTS]
@@ -1083,6 +1091,9 @@ def section_e2e(profile: str, timeout: float) -> dict:
                    *[arg for name, path in folders.items() for arg in (f"--{name}", path)]]
         load_start = load_average()
         measured = run_measured(command, timeout)
+        record = Path(folders["results"]) / "metrics.json"  # where the minutes went, notebook by notebook
+        if record.is_file():
+            out["wall_s_per_notebook"] = json.loads(record.read_text())["provenance"].get("wall_s_per_notebook")
     out["load_average"] = [load_start, load_average()]
     out["command"] = " ".join(["python", "-m", "kts", "run", "--profile", profile, "--force",
                                "--results/--runs/--work/--data", "<tmp>"])
