@@ -248,8 +248,11 @@ def render_markdown(results: dict[str, Any]) -> str:
             f"load average {results.get('load_average_start')} → {results.get('load_average_end')}\n\n")
     earlier = results.get("earlier_sections") or {}
     if earlier.get("sections"):
+        other_cpu = earlier.get("cpu_model") and earlier.get("cpu_model") != m.get("cpu_model")
         head += (f"Sections {', '.join(earlier['sections'])} are from an earlier run ({earlier.get('date')}, "
-                 f"load average {earlier.get('load_average_start')}); the others from this one.\n\n")
+                 f"load average {earlier.get('load_average_start')}); the others from this one."
+                 + (f" **That run had another processor ({earlier['cpu_model']}): compare its figures only with "
+                    "each other, never with this run's.**" if other_cpu else "") + "\n\n")
     table = markdown_table(rows, ("section", "figure", "median", "unit", "goal", "met"))
     skipped = [f"- {name}: {results[name]['skipped']}" for name in SECTIONS
                if isinstance(results.get(name), dict) and results[name].get("skipped")]
@@ -1147,6 +1150,7 @@ def run_benchmark(sections: Sequence[str] | None = None, quick: bool = False,
         for name in kept:
             results[name] = previous[name]
         results["earlier_sections"] = {"sections": kept, "date": previous.get("machine", {}).get("date"),
+                                       "cpu_model": previous.get("machine", {}).get("cpu_model"),
                                        "load_average_start": previous.get("load_average_start")}
     started = time.perf_counter()
 
