@@ -156,3 +156,29 @@ def test_quick_benchmark_writes_every_field(tmp_path):
     for name, g in results["goals"].items():
         assert {"goal", "value", "met"} <= set(g), name
     assert isinstance(results["goals"]["cunet_train_fraction_of_ceiling"]["met"], bool)
+
+
+def test_torch_peer_runs_interleaved_and_the_ratio_pools_every_round(monkeypatch):
+    """kts, torch, kts, torch, ... each in its own worker; kts under op determinism as train_cunet trains;
+    the ratio is of the medians over all repeats of all rounds (issue 15)."""
+    import importlib.util
+
+    calls = []
+    rates = {"cunet": iter([[2.0, 4.0], [3.0, 3.0]]), "torch_cunet": iter([[1.0, 1.0], [2.0, 2.0]])}
+
+    def fake_spawn(tasks, determinism=False, **_):
+        name = tasks[0]["name"]
+        calls.append((name, determinism))
+        train = next(rates[name])
+        value = {"train_images_per_s": train, "infer_images_per_s": [t * 10 for t in train],
+                 "version": "x", "threads": 2, "params": 1}
+        return {"results": [{"ok": True, "value": value}], "load_average": [0.0, 0.0, 0.0]}
+
+    monkeypatch.setattr(bench, "spawn", fake_spawn)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())
+    s = bench._settings(quick=True)
+    out = bench.section_torch(s, {}, rounds=2)
+    assert calls == [("cunet", True), ("torch_cunet", False)] * 2
+    assert out["order"] == ["kts", "torch", "kts", "torch"]
+    assert out["kts_train_images_per_s"]["median"] == 3.0 and out["train_images_per_s"]["median"] == 1.5
+    assert out["kts_over_torch_train"] == 2.0 and out["kts_over_torch_infer"] == 2.0
