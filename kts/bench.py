@@ -442,7 +442,7 @@ def task_train_step(size: int, z: int, batch: int, warmup: int, repeats: int, n_
     def forward_backward():
         with tf.GradientTape() as tape:
             loss = loss_fn(y, model(x, training=True))
-        return tape.gradient(loss, weights)[0]
+        return tape.gradient(loss, weights)  # every gradient an output: none pruned from the graph
 
     @tf.function
     def forward_backward_adam():
@@ -451,7 +451,7 @@ def task_train_step(size: int, z: int, batch: int, warmup: int, repeats: int, n_
         optimizer.apply_gradients(zip(tape.gradient(loss, weights), weights))
         return loss
 
-    out = {"forward": ms(lambda: forward().numpy()), "forward_backward": ms(lambda: forward_backward().numpy()),
+    out = {"forward": ms(lambda: forward().numpy()), "forward_backward": ms(lambda: forward_backward()[0].numpy()),
            "forward_backward_adam": ms(lambda: forward_backward_adam().numpy()),
            "train_on_batch": ms(lambda: model.train_on_batch(x, y))}
     bare = build_cunet(input_shape=(size, size, 1), z=z)
