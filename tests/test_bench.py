@@ -182,3 +182,9 @@ def test_torch_peer_runs_interleaved_and_the_ratio_pools_every_round(monkeypatch
     assert out["order"] == ["kts", "torch", "kts", "torch"]
     assert out["kts_train_images_per_s"]["median"] == 3.0 and out["train_images_per_s"]["median"] == 1.5
     assert out["kts_over_torch_train"] == 2.0 and out["kts_over_torch_infer"] == 2.0
+
+
+def test_fp32_ceiling_is_the_faster_all_core_matmul():
+    assert bench.fp32_ceiling({"tf_all_core": {"median": 76.0}, "numpy_all_core": {"median": 160.0}}) == 160.0
+    assert bench.fp32_ceiling({"tf_all_core": {"median": 243.0}, "numpy_all_core": None}) == 243.0
+    assert bench.fp32_ceiling({"tf_all_core": None, "numpy_all_core": None}) is None
