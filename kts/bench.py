@@ -718,8 +718,9 @@ def spawn(tasks: list[dict], env: dict[str, str] | None = None, threads: dict | 
 # ----------------------------------------------------------------------------- sections
 
 def _settings(quick: bool) -> dict[str, Any]:
-    cunet = cunet_settings("quick" if quick else "paper")
-    return {"warmup": 1 if quick else 2, "repeats": 3 if quick else 5, "matmul_n": 1024 if quick else 4096,
+    profile = "quick" if quick else "paper"
+    cunet = cunet_settings(profile)
+    return {"profile": profile, "warmup": 1 if quick else 2, "repeats": 3 if quick else 5, "matmul_n": 1024 if quick else 4096,
             "cunet_size": cunet["size"], "cunet_z": cunet["z"], "cunet_batch": cunet["batch"],
             "pipeline_images": 8 if quick else 24, "pipeline_steps": 3 if quick else 12,
             "maskrcnn_steps": 4 if quick else 10, "maskrcnn_crops": 4 if quick else 8,
@@ -823,20 +824,23 @@ STEP_PARTS = (
     # name, what it adds, measured as (variant, minus variant)
     ("forward", "the forward pass (training=True: batch norm on batch statistics, dropout)", "forward", None),
     ("backward", "the gradients", "forward_backward", "forward"),
-    ("adam", "the Adam update of 2.2 M weights", "forward_backward_adam", "forward_backward"),
+    ("adam", "the Adam update", "forward_backward_adam", "forward_backward"),
     ("keras_step", "Keras' train step around it (loss tracking, dispatch)", "train_on_batch_without_metrics",
      "forward_backward_adam"),
     ("metrics", "the recipe's accuracy and IoU metrics", "train_on_batch", "train_on_batch_without_metrics"),
     ("input_and_loop", "the input pipeline (make_dataset), Keras' epoch loop, callbacks and validation",
-     "fit_per_step",
-     "train_on_batch"),
+     "fit_per_step", "train_on_batch"),
 )
 
 
 def section_train_step(s: dict) -> dict:
-    """One CU-Net training step as ``train_cunet`` runs it, taken apart (issue 15): ms per part."""
+    """One CU-Net training step as ``train_cunet`` runs it, taken apart (issue 15): ms per part.
+
+    An epoch holds the training slices of notebook 02's partition (TD-70%/VD-6%) of the profile's cases."""
+    from kts import config, data
+
     out = _skipped_template(TRAIN_STEP_KEYS, None)
-    n_train = round(0.7 * _profile_cases(s))  # TD-70%: the training slices of notebook 02
+    n_train = data.split_sizes(config.get_profile(s["profile"]).n_cases, *data.PARTITIONS["TD-70% VD-6%"])[0]
     out.update(input_size=s["cunet_size"], z=s["cunet_z"], batch_size=s["cunet_batch"])
     run = spawn([{"name": "train_step", "params": {"size": s["cunet_size"], "z": s["cunet_z"], "batch": s["cunet_batch"],
                                                    "warmup": s["warmup"], "repeats": s["repeats"],
@@ -858,12 +862,6 @@ def section_train_step(s: dict) -> dict:
     out["parts"] = [{"part": name, "what": what, "ms": round(ms, 2), "share": round(ms / total, 4)}
                     for name, what, ms in parts]
     return out
-
-
-def _profile_cases(s: dict) -> int:
-    from kts import config
-
-    return config.get_profile("quick" if s["cunet_size"] == cunet_settings("quick")["size"] else "paper").n_cases
 
 
 def _limits(cunet: dict, ceiling: float | None) -> tuple[list[str], float | None]:
@@ -945,7 +943,7 @@ def section_variations(s: dict, ceiling: float | None, flops: int | None, baseli
     return out
 
 
-def section_torch(s: dict, cunet: dict, rounds: int = 3) -> dict:
+def section_torch(s: dict, rounds: int = 3) -> dict:
     """kts against the same CU-Net in PyTorch, interleaved (kts, torch, kts, torch, ...), each run a fresh
     process with the same network, batch, input size and threads; kts as ``train_cunet`` runs it (op
     determinism on). The figure is the ratio of the medians over all repeats of all rounds."""
@@ -1146,7 +1144,8 @@ def run_benchmark(sections: Sequence[str] | None = None, quick: bool = False,
             return "takes hours: run with --sections e2e_paper"
         return f"not run in --quick mode: ask with --sections {name}" if quick else "not among --sections"
 
-    keys = {"ceiling": CEILING_KEYS, "cunet": CUNET_KEYS, "train_step": TRAIN_STEP_KEYS, "variations": VARIATION_KEYS, "torch": TORCH_KEYS,
+    keys = {"ceiling": CEILING_KEYS, "cunet": CUNET_KEYS, "train_step": TRAIN_STEP_KEYS, "variations": VARIATION_KEYS,
+            "torch": TORCH_KEYS,
             "input_pipeline": PIPELINE_KEYS, "maskrcnn": MASKRCNN_KEYS, "data": DATA_KEYS, "e2e_quick": E2E_KEYS,
             "e2e_paper": E2E_KEYS}
     for name in SECTIONS:
@@ -1191,7 +1190,7 @@ def run_benchmark(sections: Sequence[str] | None = None, quick: bool = False,
     if v.get("best_train") and results["cunet"].get("limits"):
         results["cunet"]["limits"].append(f"of the variations tried, the fastest for training was {v['best_train']!r} "
                                           f"and for inference {v['best_infer']!r} (see variations.rows).")
-    timed("torch", lambda: section_torch(s, results["cunet"], rounds=2 if quick else 3))
+    timed("torch", lambda: section_torch(s, rounds=2 if quick else 3))
     timed("input_pipeline", lambda: section_input_pipeline(s))
     timed("maskrcnn", lambda: section_maskrcnn(s))
     timed("data", lambda: section_data(s))

@@ -177,7 +177,7 @@ def test_torch_peer_runs_interleaved_and_the_ratio_pools_every_round(monkeypatch
     monkeypatch.setattr(bench, "spawn", fake_spawn)
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())
     s = bench._settings(quick=True)
-    out = bench.section_torch(s, {}, rounds=2)
+    out = bench.section_torch(s, rounds=2)
     assert calls == [("cunet", True), ("torch_cunet", False)] * 2
     assert out["order"] == ["kts", "torch", "kts", "torch"]
     assert out["kts_train_images_per_s"]["median"] == 3.0 and out["train_images_per_s"]["median"] == 1.5
