@@ -285,24 +285,24 @@ def build_dataset(source_root: str | os.PathLike, cache_path: str | os.PathLike 
 
     source = "phantom" if (root / "phantom.json").is_file() else "user"
     weightings = _read_weightings(root)
-    images, kidneys, tumours, rows = [], [], [], []
+    images, kidneys, tumors, rows = [], [], [], []
     for case in cases:
         volume, metas = read_series(case / "dicom", case_id=case.name, require_modality=require_modality,
                                     allow_gaps=allow_gaps)
-        kidney, tumour = read_png_masks(case / "masks", metas, allow_empty=allow_empty,
+        kidney, tumor = read_png_masks(case / "masks", metas, allow_empty=allow_empty,
                                         tumor_outside_kidney=tumor_outside_kidney)
         for i, meta in enumerate(metas):
             image = resize_image(normalise(volume[i], low, high), size)
             k = resize_mask(kidney[i], size)
-            t = resize_mask(tumour[i], size)
-            n_before = len(np.unique(tumour[i])) - (1 if (tumour[i] == 0).any() else 0)
+            t = resize_mask(tumor[i], size)
+            n_before = len(np.unique(tumor[i])) - (1 if (tumor[i] == 0).any() else 0)
             n_after = len(np.unique(t)) - (1 if (t == 0).any() else 0)
             if n_after < n_before:
                 warnings.warn(f"{case / 'masks' / (meta.sop_instance_uid + '_tumor.png')}: "
                               f"{n_before - n_after} tumour instance(s) vanished when resizing to {size[0]}", stacklevel=2)
             images.append(image)
             kidneys.append(k)
-            tumours.append(t)
+            tumors.append(t)
             rows.append(dict(
                 source=source, case_id=meta.case_id, series_instance_uid=meta.series_instance_uid,
                 sop_instance_uid=meta.sop_instance_uid, slice_index=meta.slice_index,
@@ -313,7 +313,7 @@ def build_dataset(source_root: str | os.PathLike, cache_path: str | os.PathLike 
             ))
     index_csv = pd.DataFrame(rows, columns=_INDEX_COLUMNS).to_csv(index=False, lineterminator="\n")
     data = Dataset(np.stack(images).astype(np.float32), np.stack(kidneys).astype(np.uint8),
-                   np.stack(tumours).astype(np.uint16), _index_from_csv(index_csv), fingerprint, cached=False,
+                   np.stack(tumors).astype(np.uint16), _index_from_csv(index_csv), fingerprint, cached=False,
                    source_root=str(root))
     if cache_path is not None:
         with atomic_path(cache_path) as tmp:

@@ -58,14 +58,14 @@ def weighting_name(weighting: str | None) -> str:
     return WEIGHTING_NAMES.get(str(weighting), str(weighting)) if weighting else ""
 
 
-def slice_label(case_id: str, weighting: str | None = None, n_tumours: int | None = None,
+def slice_label(case_id: str, weighting: str | None = None, n_tumors: int | None = None,
                 position: int | None = None, total: int | None = None) -> str:
     """What the slice chooser shows: ``"case-007 · T2 · 1 tumour (3 of 7)"``."""
     parts = [str(case_id)]
     if weighting:
         parts.append(weighting_name(weighting))
-    if n_tumours is not None:
-        parts.append("no tumour" if n_tumours == 0 else f"{n_tumours} tumour" + ("s" if n_tumours > 1 else ""))
+    if n_tumors is not None:
+        parts.append("no tumour" if n_tumors == 0 else f"{n_tumors} tumour" + ("s" if n_tumors > 1 else ""))
     text = " · ".join(parts)
     if position is not None and total is not None:
         text += f" ({position + 1} of {total})"
@@ -80,7 +80,7 @@ class SliceResult:
     the instances (label, score, box, region) and the kidney regions (crops) Mask R-CNN saw."""
 
     kidney_pred: np.ndarray
-    tumour_pred: np.ndarray
+    tumor_pred: np.ndarray
     instances: list[dict[str, Any]]
     regions: list[tuple[int, int, int, int]]
     threshold: float
@@ -109,35 +109,35 @@ def cascade_slice(image, kidney_probability, maskrcnn, threshold: float = 0.5,
     result = cascade.run_cascade(image[None], probability[None], maskrcnn, threshold=threshold,
                                  score_threshold=score_threshold)
     used = getattr(maskrcnn, "score_threshold", None) if score_threshold is None else score_threshold
-    return SliceResult(kidney_pred=result.kidney_masks[0], tumour_pred=result.tumor_labels[0],
+    return SliceResult(kidney_pred=result.kidney_masks[0], tumor_pred=result.tumor_labels[0],
                        instances=result.instances[0], regions=list(result.regions[0]), threshold=threshold,
                        score_threshold=float(used) if used is not None else float("nan"))
 
 
 # ----------------------------------------------------------------------------- scores
 
-def slice_scores(kidney_pred, kidney_gt, tumour_pred, tumour_gt, iou_threshold: float = IOU_MATCH) -> dict:
+def slice_scores(kidney_pred, kidney_gt, tumor_pred, tumor_gt, iou_threshold: float = IOU_MATCH) -> dict:
     """The shown slice's figures of merit (``kts.metrics``; undefined values are NaN, shown "n/a").
 
     Kidney: ``kidney_iou``, ``kidney_dice`` and pixel counts ``kidney_tp/fp/fn``. Tumour:
-    ``tumour_dice``, ``tumour_iou`` (pixels of all instances), instances ``instance_tp/fp/fn``,
+    ``tumor_dice``, ``tumor_iou`` (pixels of all instances), instances ``instance_tp/fp/fn``,
     ``n_predicted``, ``n_gt``, ``instance_precision/recall/f1`` and ``matches``
     ``(predicted label, true label, IoU)`` at IoU >= ``iou_threshold``.
     """
     kidney_pred, kidney_gt = np.asarray(kidney_pred) > 0, np.asarray(kidney_gt) > 0
     counts = metrics.confusion(kidney_pred, kidney_gt)
-    tumour = metrics.tumor_scores([np.asarray(tumour_pred)], [np.asarray(tumour_gt)], iou_threshold=iou_threshold)
-    matched = metrics.match_instances(np.asarray(tumour_pred), np.asarray(tumour_gt), iou_threshold=iou_threshold)
+    tumor = metrics.tumor_scores([np.asarray(tumor_pred)], [np.asarray(tumor_gt)], iou_threshold=iou_threshold)
+    matched = metrics.match_instances(np.asarray(tumor_pred), np.asarray(tumor_gt), iou_threshold=iou_threshold)
     return {"kidney_iou": metrics.iou(kidney_pred, kidney_gt), "kidney_dice": metrics.dice(kidney_pred, kidney_gt),
             "kidney_tp": counts["tp"], "kidney_fp": counts["fp"], "kidney_fn": counts["fn"],
-            "tumour_dice": tumour["dice"], "tumour_iou": tumour["iou"],
-            "instance_tp": tumour["tp"], "instance_fp": tumour["fp"], "instance_fn": tumour["fn"],
-            "n_predicted": tumour["n_predicted"], "n_gt": tumour["n_gt"],
-            "instance_precision": tumour["instance_precision"], "instance_recall": tumour["instance_recall"],
-            "instance_f1": tumour["instance_f1"], "matches": matched["matches"]}
+            "tumor_dice": tumor["dice"], "tumor_iou": tumor["iou"],
+            "instance_tp": tumor["tp"], "instance_fp": tumor["fp"], "instance_fn": tumor["fn"],
+            "n_predicted": tumor["n_predicted"], "n_gt": tumor["n_gt"],
+            "instance_precision": tumor["instance_precision"], "instance_recall": tumor["instance_recall"],
+            "instance_f1": tumor["instance_f1"], "matches": matched["matches"]}
 
 
-def instance_rows(tumour_pred, tumour_gt, instances: Sequence[dict] = (), iou_threshold: float = IOU_MATCH
+def instance_rows(tumor_pred, tumor_gt, instances: Sequence[dict] = (), iou_threshold: float = IOU_MATCH
                   ) -> list[dict]:
     """One row per tumour instance: matched pairs with their IoU, then false alarms, then missed tumours.
 
@@ -145,7 +145,7 @@ def instance_rows(tumour_pred, tumour_gt, instances: Sequence[dict] = (), iou_th
     (the Mask R-CNN's, from ``instances``), ``true`` (label or None) and ``iou`` (of the pair; for an
     unmatched instance its best overlap with any instance of the other side, 0 if none).
     """
-    pred, gt = np.asarray(tumour_pred), np.asarray(tumour_gt)
+    pred, gt = np.asarray(tumor_pred), np.asarray(tumor_gt)
     matched = metrics.match_instances(pred, gt, iou_threshold=iou_threshold)["matches"]
     scores = {int(r["label"]): float(r["score"]) for r in instances}
     pred_ids = [int(i) for i in np.unique(pred) if i != 0]
@@ -218,7 +218,7 @@ def _legend_handles(layers: dict[str, bool], mode: str) -> list:
     return handles
 
 
-def draw_slice(ax, image, kidney_gt, tumour_gt, kidney_pred, tumour_pred, *, layers=None, mode: str = "predictions",
+def draw_slice(ax, image, kidney_gt, tumor_gt, kidney_pred, tumor_pred, *, layers=None, mode: str = "predictions",
                regions: Sequence[Sequence[int]] = ()) -> list:
     """Draw one slice with the chosen layers on ``ax``; returns the legend handles of what was drawn.
 
@@ -235,23 +235,23 @@ def draw_slice(ax, image, kidney_gt, tumour_gt, kidney_pred, tumour_pred, *, lay
         _show_image(ax, image)
     else:
         ax.imshow(np.zeros(image.shape), cmap="gray", vmin=0, vmax=1)
-    kidney_gt, tumour_gt = np.asarray(kidney_gt), np.asarray(tumour_gt)
-    kidney_pred, tumour_pred = np.asarray(kidney_pred), np.asarray(tumour_pred)
+    kidney_gt, tumor_gt = np.asarray(kidney_gt), np.asarray(tumor_gt)
+    kidney_pred, tumor_pred = np.asarray(kidney_pred), np.asarray(tumor_pred)
     if mode == "predictions":
         if layers["cunet"]:
             _fill(ax, kidney_pred > 0, CUNET_COLOR)
         if layers["maskrcnn"]:
-            _fill(ax, tumour_pred > 0, MASKRCNN_COLOR)
+            _fill(ax, tumor_pred > 0, MASKRCNN_COLOR)
         if layers["ground_truth"]:
             if np.any(kidney_gt):
                 ax.contour((kidney_gt > 0).astype(np.float32), levels=[0.5], colors=GT_KIDNEY_COLOR, linewidths=1.0)
-            for label in np.unique(tumour_gt):
+            for label in np.unique(tumor_gt):
                 if label:
-                    ax.contour((tumour_gt == label).astype(np.float32), levels=[0.5], colors=GT_TUMOUR_COLOR,
+                    ax.contour((tumor_gt == label).astype(np.float32), levels=[0.5], colors=GT_TUMOUR_COLOR,
                                linewidths=1.0)
     else:
         for organ, on, pred, gt in (("kidney", layers["cunet"], kidney_pred, kidney_gt),
-                                    ("tumour", layers["maskrcnn"], tumour_pred, tumour_gt)):
+                                    ("tumour", layers["maskrcnn"], tumor_pred, tumor_gt)):
             if on:
                 codes = outcome_map(pred, gt)
                 for key, code in OUTCOME_CODES.items():
@@ -263,21 +263,21 @@ def draw_slice(ax, image, kidney_gt, tumour_gt, kidney_pred, tumour_pred, *, lay
             ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor=CROP_COLOR,
                                    linestyle="--", linewidth=1.0))
     if layers["maskrcnn"]:
-        for label in np.unique(tumour_pred):
+        for label in np.unique(tumor_pred):
             if label:
-                rows, cols = np.nonzero(tumour_pred == label)
+                rows, cols = np.nonzero(tumor_pred == label)
                 ax.annotate(str(int(label)), (cols.max() + 1, rows.min()), color="white", fontsize=8,
                             fontweight="bold", xytext=(2, 2), textcoords="offset points")
     return _legend_handles(layers, mode)
 
 
-def view_figure(image, kidney_gt, tumour_gt, kidney_pred, tumour_pred, *, layers=None, mode: str = "predictions",
+def view_figure(image, kidney_gt, tumor_gt, kidney_pred, tumor_pred, *, layers=None, mode: str = "predictions",
                 regions: Sequence[Sequence[int]] = (), title: str = "",
                 panel_size: float = 4.2) -> Figure:
     """The explorer's picture: one slice, the chosen layers, and a colour legend below it."""
     fig = Figure(figsize=(panel_size, panel_size + 0.9), layout="constrained")
     ax = fig.subplots()
-    handles = draw_slice(ax, image, kidney_gt, tumour_gt, kidney_pred, tumour_pred, layers=layers, mode=mode,
+    handles = draw_slice(ax, image, kidney_gt, tumor_gt, kidney_pred, tumor_pred, layers=layers, mode=mode,
                          regions=regions)
     if title:
         ax.set_title(title, fontsize=9)
@@ -316,8 +316,8 @@ def scores_html(scores: dict, *, case: str = "", threshold: float | None = None,
     if layers["maskrcnn"]:
         head = "Mask R-CNN tumours" + (f" (score &ge; {score_threshold:.2f})" if score_threshold is not None else "")
         parts.append(section(head))
-        parts.append(row("tumour-dice", "tumour Dice", metrics.format_metric(scores["tumour_dice"])))
-        parts.append(row("tumour-iou", "tumour IoU", metrics.format_metric(scores["tumour_iou"])))
+        parts.append(row("tumour-dice", "tumour Dice", metrics.format_metric(scores["tumor_dice"])))
+        parts.append(row("tumour-iou", "tumour IoU", metrics.format_metric(scores["tumor_iou"])))
         parts.append(row("tumours-found", "true tumours found",
                          f"{scores['instance_tp']} of {scores['n_gt']}"))
         parts.append(row("false-alarms", "false alarms", str(scores["instance_fp"])))
@@ -349,7 +349,7 @@ def instances_html(rows: Sequence[dict]) -> str:
 
 # ----------------------------------------------------------------------------- the static grid
 
-def threshold_grid(image, kidney_gt, tumour_gt, kidney_probability, maskrcnn,
+def threshold_grid(image, kidney_gt, tumor_gt, kidney_probability, maskrcnn,
                    thresholds: Sequence[float] = (0.3, 0.5, 0.7), *, score_threshold: float | None = None,
                    mode: str = "predictions", layers=None, case: str = "", panel_size: float = 3.2) -> Figure:
     """The explorer without a kernel: one slice through the cascade at several CU-Net thresholds.
@@ -365,11 +365,11 @@ def threshold_grid(image, kidney_gt, tumour_gt, kidney_probability, maskrcnn,
     handles = []
     for ax, t in zip(axes, thresholds):
         res = cascade_slice(image, kidney_probability, maskrcnn, t, score_threshold)
-        sc = slice_scores(res.kidney_pred, kidney_gt, res.tumour_pred, tumour_gt)
-        handles = draw_slice(ax, image, kidney_gt, tumour_gt, res.kidney_pred, res.tumour_pred, layers=layers,
+        sc = slice_scores(res.kidney_pred, kidney_gt, res.tumor_pred, tumor_gt)
+        handles = draw_slice(ax, image, kidney_gt, tumor_gt, res.kidney_pred, res.tumor_pred, layers=layers,
                              mode=mode, regions=res.regions)
         ax.set_title(f"CU-Net threshold {t:.2f}\nkidney IoU {metrics.format_metric(sc['kidney_iou'])}, "
-                     f"tumour Dice {metrics.format_metric(sc['tumour_dice'])}", fontsize=9)
+                     f"tumour Dice {metrics.format_metric(sc['tumor_dice'])}", fontsize=9)
     if case:
         fig.suptitle(case, fontsize=10)
     if handles:
@@ -383,20 +383,20 @@ def threshold_grid(image, kidney_gt, tumour_gt, kidney_probability, maskrcnn,
 class Explorer:
     """The interactive explorer of notebook 06 (ipywidgets): choose a test slice and thresholds, toggle layers.
 
-    ``images``, ``kidney_gt``, ``tumour_gt`` and ``probabilities`` (the CU-Net's sigmoid output) hold the
+    ``images``, ``kidney_gt``, ``tumor_gt`` and ``probabilities`` (the CU-Net's sigmoid output) hold the
     test slices, ``index`` the one shown first; ``maskrcnn`` re-runs on the crops each time the CU-Net threshold moves. ``labels`` names
     each slice in the chooser (default: its number). ``widget`` is what a notebook displays; ``update()``
     redraws (the controls call it, with ``continuous_update=False`` on the sliders).
     """
 
-    def __init__(self, images, kidney_gt, tumour_gt, probabilities, maskrcnn, *, labels: Sequence[str] | None = None,
+    def __init__(self, images, kidney_gt, tumor_gt, probabilities, maskrcnn, *, labels: Sequence[str] | None = None,
                  threshold: float = 0.5, score_threshold: float | None = None, index: int = 0):
         import ipywidgets as widgets
 
-        self.images, self.kidney_gt, self.tumour_gt = images, kidney_gt, tumour_gt
+        self.images, self.kidney_gt, self.tumor_gt = images, kidney_gt, tumor_gt
         self.probabilities, self.maskrcnn = probabilities, maskrcnn
         n = len(images)
-        if not (len(kidney_gt) == len(tumour_gt) == len(probabilities) == n) or n == 0:
+        if not (len(kidney_gt) == len(tumor_gt) == len(probabilities) == n) or n == 0:
             raise ValueError("the explorer needs as many images, kidney masks, tumour maps and probabilities, "
                              "at least one of each")
         self.labels = list(labels) if labels is not None else [f"slice {i + 1} of {n}" for i in range(n)]
@@ -464,12 +464,12 @@ class Explorer:
             i, t, s = self.slice.value, self.threshold.value, self.score_threshold.value
             layers = {name: box.value for name, box in self.layers.items()}
             res = self.result(i, t, s)
-            scores = slice_scores(res.kidney_pred, self.kidney_gt[i], res.tumour_pred, self.tumour_gt[i])
-            fig = view_figure(self.images[i], self.kidney_gt[i], self.tumour_gt[i], res.kidney_pred,
-                              res.tumour_pred, layers=layers, mode=self.mode.value, regions=res.regions)
+            scores = slice_scores(res.kidney_pred, self.kidney_gt[i], res.tumor_pred, self.tumor_gt[i])
+            fig = view_figure(self.images[i], self.kidney_gt[i], self.tumor_gt[i], res.kidney_pred,
+                              res.tumor_pred, layers=layers, mode=self.mode.value, regions=res.regions)
             self.scores.value = scores_html(scores, case=self.labels[i], threshold=t, score_threshold=s,
                                             layers=layers)
-            self.instances.value = (instances_html(instance_rows(res.tumour_pred, self.tumour_gt[i], res.instances))
+            self.instances.value = (instances_html(instance_rows(res.tumor_pred, self.tumor_gt[i], res.instances))
                                     if layers["maskrcnn"] else "")
             self.view.clear_output(wait=True)
             display(fig)

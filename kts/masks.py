@@ -196,7 +196,7 @@ def read_png_masks(mask_dir: str | os.PathLike, metas: Sequence[Any], *, allow_e
     mask_dir = Path(mask_dir)
     if not mask_dir.is_dir():
         raise MaskError(mask_dir, "is not a folder; the masks of a case go in <case>/masks/")
-    kidneys, tumours = [], []
+    kidneys, tumors = [], []
     for meta in metas:
         pair = []
         for kind in ("kidney", "tumor"):
@@ -209,36 +209,36 @@ def read_png_masks(mask_dir: str | os.PathLike, metas: Sequence[Any], *, allow_e
                 raise MaskError(path, f"is {array.shape[0]}x{array.shape[1]} but its image {meta.file_name} is "
                                       f"{meta.rows}x{meta.columns} (rows x columns); masks must match the image")
             pair.append((path, array))
-        (kidney_path, kidney), (tumour_path, tumour) = pair
+        (kidney_path, kidney), (tumor_path, tumor) = pair
         labels = np.unique(kidney)
         bad = [int(v) for v in labels if v not in (0, 1, 255)]
         if bad:
             raise MaskError(kidney_path, f"has labels {bad[:5]}; a kidney mask holds only 0 and 1 (or 0 and 255)")
         kidney = (kidney > 0).astype(np.uint8)
-        if (np.issubdtype(tumour.dtype, np.signedinteger) and tumour.min() < 0) or tumour.max() > 65535:
-            raise MaskError(tumour_path, "has labels outside 0..65535; a tumour map holds 0 and instances 1..n")
-        tumour = tumour.astype(np.uint16)
+        if (np.issubdtype(tumor.dtype, np.signedinteger) and tumor.min() < 0) or tumor.max() > 65535:
+            raise MaskError(tumor_path, "has labels outside 0..65535; a tumour map holds 0 and instances 1..n")
+        tumor = tumor.astype(np.uint16)
         if not allow_empty and not kidney.any():
             raise MaskError(kidney_path, "is empty (no kidney pixel); the paper's dataset has kidney on every "
                                          "slice: drop the slice or pass allow_empty=True")
-        outside = (tumour > 0) & (kidney == 0)
+        outside = (tumor > 0) & (kidney == 0)
         if outside.any():
             message = (f"has {int(outside.sum())} tumour pixels outside the kidney mask "
                        f"{kidney_path.name}; the kidney mask must include its tumours")
             if tumor_outside_kidney == "error":
-                raise MaskError(tumour_path, message + " (or pass tumor_outside_kidney='merge')")
+                raise MaskError(tumor_path, message + " (or pass tumor_outside_kidney='merge')")
             if tumor_outside_kidney == "warn":
-                warnings.warn(f"{tumour_path}: {message}", stacklevel=2)
+                warnings.warn(f"{tumor_path}: {message}", stacklevel=2)
             else:
                 kidney = np.where(outside, 1, kidney).astype(np.uint8)
         if meta.oriented:
             kidney = to_display(kidney, meta.image_orientation)
-            tumour = to_display(tumour, meta.image_orientation)
+            tumor = to_display(tumor, meta.image_orientation)
         kidneys.append(kidney)
-        tumours.append(tumour)
+        tumors.append(tumor)
     if not kidneys:
         raise MaskError(mask_dir, "no slices given: pass the metas returned by read_series")
-    return np.stack(kidneys), np.stack(tumours)
+    return np.stack(kidneys), np.stack(tumors)
 
 
 # ----------------------------------------------------------------------------- NIfTI
@@ -349,13 +349,13 @@ def _normalise_label(label: str) -> str:
 
 
 def write_seg(path: str | os.PathLike, series_folder: str | os.PathLike, metas: Sequence[Any],
-              kidney: np.ndarray, tumour: np.ndarray | None, series_number: int = 900,
+              kidney: np.ndarray, tumor: np.ndarray | None, series_number: int = 900,
               content_datetime: _dt.datetime | None = None, proposal: bool = False) -> Path:
     """Write predicted kidney and tumour masks as a BINARY DICOM-SEG over the source series (Fig. 5).
 
-    ``kidney``/``tumour`` are ``[n, H, W]`` in the order and display orientation of ``metas``
+    ``kidney``/``tumor`` are ``[n, H, W]`` in the order and display orientation of ``metas``
     (as :func:`kts.dicom.read_series` and the models produce them); they are mapped back to the
-    stored pixel grid of each referenced SOPInstanceUID. ``tumour=None`` writes the kidney
+    stored pixel grid of each referenced SOPInstanceUID. ``tumor=None`` writes the kidney
     segment only. ``proposal=True`` marks every label and the series description as an
     unreviewed proposal (``kts.proposals``: masks for series that have none, to be corrected in
     a viewer before any use). Written atomically.
@@ -369,11 +369,11 @@ def write_seg(path: str | os.PathLike, series_folder: str | os.PathLike, metas: 
 
     metas = list(metas)
     kidney = np.asarray(kidney)
-    with_tumour = tumour is not None
-    tumour = np.asarray(tumour) if with_tumour else np.zeros_like(kidney)
-    if kidney.shape != tumour.shape or kidney.ndim != 3 or kidney.shape[0] != len(metas):
+    with_tumor = tumor is not None
+    tumor = np.asarray(tumor) if with_tumor else np.zeros_like(kidney)
+    if kidney.shape != tumor.shape or kidney.ndim != 3 or kidney.shape[0] != len(metas):
         raise ValueError(f"kidney and tumour must both be [n, H, W] with n = {len(metas)} slices; "
-                         f"got {kidney.shape} and {tumour.shape}")
+                         f"got {kidney.shape} and {tumor.shape}")
     folder = Path(series_folder)
     by_sop = {}
     for file in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
@@ -388,7 +388,7 @@ def write_seg(path: str | os.PathLike, series_folder: str | os.PathLike, metas: 
         if ds is None:
             raise MaskError(folder, f"has no slice with SOPInstanceUID {meta.sop_instance_uid} ({meta.file_name})")
         planes = []
-        for array in (kidney[i], tumour[i])[: 2 if with_tumour else 1]:
+        for array in (kidney[i], tumor[i])[: 2 if with_tumor else 1]:
             planes.append(_undisplay(np.asarray(array) > 0, meta))
         if planes[0].shape != (int(ds.Rows), int(ds.Columns)):
             raise MaskError(folder / meta.file_name, f"mask is {planes[0].shape} but the slice is "
@@ -413,7 +413,7 @@ def write_seg(path: str | os.PathLike, series_folder: str | os.PathLike, metas: 
             segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
             segmented_property_type=codes.SCT.Neoplasm,
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algorithm),
-    ][: 2 if with_tumour else 1]
+    ][: 2 if with_tumor else 1]
     source_series = str(sources[0].SeriesInstanceUID)
     content = hashlib.sha256(pixel_array.tobytes() + str(pixel_array.shape).encode()).hexdigest()
     seg = hd.seg.Segmentation(

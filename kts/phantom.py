@@ -895,7 +895,7 @@ def tumor_contrast(s: PhantomSlice, rim_px: tuple[int, int] = (2, 6)) -> list[di
     Measured on the 0..255 image the models see (``kts.data.normalise``). For each tumour
     instance: ``contrast`` = mean(tumour) - mean(rim), where the rim is the tumour-free kidney
     (cortex, medulla, sinus) between ``rim_px[0]`` and ``rim_px[1]`` pixels outside it;
-    ``cnr`` = contrast / sqrt((sd_tumour^2 + sd_rim^2) / 2): the separation of the two
+    ``cnr`` = contrast / sqrt((sd_tumor^2 + sd_rim^2) / 2): the separation of the two
     intensity distributions, texture and noise together (a reader delineates |cnr| >~ 1).
     Tumours with fewer than 10 rim pixels (wholly exophytic) are skipped.
     """

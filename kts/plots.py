@@ -338,16 +338,16 @@ def table1_figure(table, *, width: float = 10.0) -> Figure:
     import pandas as pd
 
     table = pd.DataFrame(table)
-    needed = {"partition", "paper_iou", "paper_accuracy", "iou_mean", "tumour_iou_mean", "accuracy_mean",
-              "accuracy_in_kidney_mean", "tumour_dice_mean"}
+    needed = {"partition", "paper_iou", "paper_accuracy", "iou_mean", "tumor_iou_mean", "accuracy_mean",
+              "accuracy_in_kidney_mean", "tumor_dice_mean"}
     missing = sorted(needed - set(table.columns))
     if missing or table.empty:
         raise ValueError(f"table1_figure needs kts.study.table1_from_runs output; missing columns {missing}"
                          if missing else "table1_figure got an empty table")
-    panels = (("IoU", [("paper", "paper_iou"), ("ours: kidney stage", "iou"), ("ours: tumour", "tumour_iou")]),
+    panels = (("IoU", [("paper", "paper_iou"), ("ours: kidney stage", "iou"), ("ours: tumour", "tumor_iou")]),
               ("accuracy and Dice", [("paper accuracy", "paper_accuracy"), ("ours: accuracy, whole slice", "accuracy"),
                                      ("ours: accuracy in the kidney", "accuracy_in_kidney"),
-                                     ("ours: tumour Dice", "tumour_dice")]))
+                                     ("ours: tumour Dice", "tumor_dice")]))
     fig = Figure(figsize=(width, 3.6), layout="constrained")
     axes = fig.subplots(1, 2, sharey=True)
     x = np.arange(len(table))

@@ -143,8 +143,8 @@ def train_dense_reference(train_crops, train_labels, val_crops, val_labels, out_
     if vx.shape[1:] != x.shape[1:]:
         raise ValueError(f"validation crops are {vx.shape[1]}x{vx.shape[2]} but training crops are "
                          f"{x.shape[1]}x{x.shape[2]}; cut both at the same crop size")
-    tumour = y > 0
-    if not tumour.any():
+    tumor = y > 0
+    if not tumor.any():
         raise ValueError("training labels contain no tumour pixel; the reference has nothing to learn")
     if not isinstance(z, int) or isinstance(z, bool) or z <= 0:
         raise ValueError(f"z (base filters) must be a positive int, got {z!r}")
@@ -159,8 +159,8 @@ def train_dense_reference(train_crops, train_labels, val_crops, val_labels, out_
         "learning_rate": float(learning_rate), "patience": patience, "loss": "binary_crossentropy",
         "augmentation": "dihedral (4 quarter-turns x left-right flip, each once per epoch)",
         "n_train": int(len(x)), "n_val": int(len(vx)),
-        "train_tumour_fraction": float(tumour.mean()),
-        "data_sha256": _fingerprint(x, tumour, vx, vy > 0),
+        "train_tumor_fraction": float(tumor.mean()),
+        "data_sha256": _fingerprint(x, tumor, vx, vy > 0),
     }
     if resume and (out / STATE_FILE).exists():
         _check_resumable(out, settings)
@@ -168,7 +168,7 @@ def train_dense_reference(train_crops, train_labels, val_crops, val_labels, out_
         out.mkdir(parents=True, exist_ok=True)
         kts_io.write_json(out / REFERENCE_FILE, settings)
 
-    result = train_cunet((dihedral_rotations(x), dihedral_rotations(tumour.astype(np.uint8))),
+    result = train_cunet((dihedral_rotations(x), dihedral_rotations(tumor.astype(np.uint8))),
                          (vx, (vy > 0).astype(np.uint8)), out, model_kwargs={"z": z}, config=config,
                          seed=seed, resume=resume, verbose=verbose,
                          progress="dense reference epochs" if progress else False)

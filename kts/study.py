@@ -32,18 +32,19 @@ PAPER_TABLE1 = {
     "TD-65% VD-15%": (0.849, 0.877),
     "TD-60% VD-20%": (0.831, 0.819),
 }
-REPORTED = ("iou", "accuracy", "kidney_dice", "tumour_dice", "tumour_iou", "accuracy_in_kidney",
+REPORTED = ("iou", "accuracy", "kidney_dice", "tumor_dice", "tumor_iou", "accuracy_in_kidney",
             "instance_precision", "instance_recall", "instance_f1", "n_predicted_instances", "mask_ap")
 
 
 def run_one(dataset, partition: str, seed: int, profile: Profile, work_dir: str | os.PathLike,
             predictions_dir: str | os.PathLike, progress: bool = True) -> dict:
-    """Train and score the cascade for one partition and seed in ``work_dir/<run_name>``; resumable
-    (:func:`kts.runs.resumable`: a finished run is returned, one scored under an older rule rescored)."""
+    """Train and score the cascade for one partition and seed in :func:`kts.workflow.run_folder`
+    of ``work_dir`` (the folder notebooks 02-04 and 06 share); resumable (:func:`kts.runs.resumable`:
+    a finished run is returned, one scored under an older rule rescored)."""
     from kts import workflow
     from kts.runs import resumable
 
-    return resumable(Path(work_dir) / workflow.run_name(partition, seed),
+    return resumable(workflow.run_folder(work_dir, partition, seed),
                      lambda run_dir: _train_and_score(dataset, partition, seed, profile, run_dir,
                                                       Path(predictions_dir), progress))
 
@@ -55,12 +56,12 @@ def _train_and_score(dataset, partition: str, seed: int, profile: Profile, run_d
     splits = data.split_partition(dataset.index, partition, seed=seed)
     data.save_splits(run_dir / "splits.json", {run_dir.name: splits})
     kidney = workflow.train_kidney_stage(dataset, splits, profile, run_dir / "cunet", seed=seed, progress=progress)
-    tumour_model, _ = workflow.train_tumour_stage(dataset, splits, profile, run_dir / "maskrcnn", seed=seed,
+    tumor_model, _ = workflow.train_tumor_stage(dataset, splits, profile, run_dir / "maskrcnn", seed=seed,
                                                   progress=progress, validate=False)
     test = dataset.subset(splits["test"])
-    probabilities, result = workflow.run_cascade(kidney.model, tumour_model, test.images)
-    everything = cascade.run_cascade(test.images, probabilities, tumour_model, score_threshold=0.0)
-    scores = workflow.score_cascade(probabilities, result.kidney_masks, result.tumor_labels, test.kidney_masks,
+    probabilities, result = workflow.run_cascade(kidney.model, tumor_model, test.images)
+    everything = cascade.run_cascade(test.images, probabilities, tumor_model, score_threshold=0.0)
+    scores = workflow.score_cascade(result.kidney_masks, result.tumor_labels, test.kidney_masks,
                                     test.tumor_labels, instance_predictions=result.instances,
                                     all_detections=(everything.tumor_labels, everything.instances),
                                     weightings=test.index["weighting"].tolist())
@@ -69,12 +70,12 @@ def _train_and_score(dataset, partition: str, seed: int, profile: Profile, run_d
                             kidney_probability=probabilities.astype(np.float16),
                             kidney_pred=result.kidney_masks.astype(np.uint8),
                             kidney_gt=test.kidney_masks.astype(np.uint8),
-                            tumour_pred=result.tumor_labels.astype(np.uint16),
-                            tumour_gt=test.tumor_labels.astype(np.uint16),
+                            tumor_pred=result.tumor_labels.astype(np.uint16),
+                            tumor_gt=test.tumor_labels.astype(np.uint16),
                             # every detection with its score, so mask AP can be recomputed from results/
-                            tumour_all_detections=everything.tumor_labels.astype(np.uint16),
-                            tumour_all_scores=_scores_by_label(everything),
-                            score_threshold=np.float32(tumour_model.score_threshold),
+                            tumor_all_detections=everything.tumor_labels.astype(np.uint16),
+                            tumor_all_scores=_scores_by_label(everything),
+                            score_threshold=np.float32(tumor_model.score_threshold),
                             weighting=np.array(test.index["weighting"], dtype=str))
     # wall_s and scoring are filled in by kts.runs.resumable; listed here to keep the table's column order
     return {"partition": partition, "slug": data.partition_slug(partition), "seed": seed, "profile": profile.name,
@@ -95,7 +96,8 @@ def _scores_by_label(result) -> np.ndarray:
 
 def run_study(dataset, profile: Profile, seeds: Iterable[int], work_dir: str | os.PathLike,
               results_dir: str | os.PathLike, partitions: Iterable[str] | None = None, progress: bool = True):
-    """Every partition x seed (resumable); returns the per-run table (one row per partition-seed)."""
+    """Every partition x seed (resumable; runs in :func:`kts.workflow.run_folder` of ``work_dir``);
+    returns the per-run table (one row per partition-seed)."""
     from kts.metrics import format_metric
     from kts.runs import run_all
 
@@ -108,7 +110,7 @@ def run_study(dataset, profile: Profile, seeds: Iterable[int], work_dir: str | o
                    lambda item: run_one(dataset, item[0], item[1], profile, work_dir, predictions, progress),
                    lambda row: (f"{row['partition']} seed {row['seed']}: IoU {format_metric(row['iou'])}, "
                                 f"accuracy {format_metric(row['accuracy'])}, tumour Dice "
-                                f"{format_metric(row['tumour_dice'])}, instance F1 {format_metric(row['instance_f1'])}"))
+                                f"{format_metric(row['tumor_dice'])}, instance F1 {format_metric(row['instance_f1'])}"))
 
 
 def table1_from_runs(runs) -> "pd.DataFrame":
@@ -147,9 +149,9 @@ def to_markdown(table) -> str:
     header = ("Data partition", "paper IoU", "our IoU (kidney stage)", "our IoU (tumour)", "paper accuracy",
               "our accuracy (pixel, whole slice)", "our accuracy (inside the kidney)", "kidney Dice", "tumour Dice",
               "instance F1", "mask AP", "seeds", "test slices")
-    rows = [(row["partition"], format_metric(row["paper_iou"]), cell(row, "iou"), cell(row, "tumour_iou"),
+    rows = [(row["partition"], format_metric(row["paper_iou"]), cell(row, "iou"), cell(row, "tumor_iou"),
              format_metric(row["paper_accuracy"]), cell(row, "accuracy"), cell(row, "accuracy_in_kidney"),
-             cell(row, "kidney_dice"), cell(row, "tumour_dice"), cell(row, "instance_f1"), cell(row, "mask_ap"),
+             cell(row, "kidney_dice"), cell(row, "tumor_dice"), cell(row, "instance_f1"), cell(row, "mask_ap"),
              str(row["n_seeds"]), str(row["n_test_slices"])) for _, row in table.iterrows()]
     return kts_io.markdown_table(rows, header)
 

@@ -84,7 +84,7 @@ def train_kidney_stage(dataset, splits: dict, profile: Profile, out_dir: str | o
                        verbose=verbose, progress=progress, tissue_labels=tissue)
 
 
-def tumour_crops(dataset, case_ids, crop_size: int, copies: int = 1, jitter: int = 0, seed: int = 0,
+def tumor_crops(dataset, case_ids, crop_size: int, copies: int = 1, jitter: int = 0, seed: int = 0,
                  return_sources: bool = False):
     """Kidney crops from the ground-truth kidney masks and their tumour instance maps (section III.B).
 
@@ -107,7 +107,7 @@ INITS = ("pretrained", "scratch")
 FINE_TUNE_LR_FACTOR = 0.5  # fine-tuning takes half the pretraining's learning rate
 
 
-def train_tumour_stage(dataset, splits: dict, profile: Profile, out_dir: str | os.PathLike, seed: int = 0,
+def train_tumor_stage(dataset, splits: dict, profile: Profile, out_dir: str | os.PathLike, seed: int = 0,
                        steps: int | None = None, resume: bool = True, progress: bool = True, validate: bool = True,
                        init: str = "pretrained"):
     """Train (or reload) the Mask R-CNN on kidney crops of the training cases (section III.B).
@@ -134,9 +134,9 @@ def train_tumour_stage(dataset, splits: dict, profile: Profile, out_dir: str | o
         if info.get("init", "scratch") == init and (out_dir / "model" / "maskrcnn_config.json").is_file():
             return TumorMaskRCNN.load(out_dir / "model"), info
     jitter = pretrain.BOX_JITTER[profile.maskrcnn_profile]
-    train_crops, train_labels = tumour_crops(dataset, splits["train"], config.crop_size, copies=2, jitter=jitter,
+    train_crops, train_labels = tumor_crops(dataset, splits["train"], config.crop_size, copies=2, jitter=jitter,
                                              seed=seed)
-    val_crops, val_labels = tumour_crops(dataset, splits["val"], config.crop_size)
+    val_crops, val_labels = tumor_crops(dataset, splits["val"], config.crop_size)
     model = TumorMaskRCNN(config, seed=seed)
     steps = steps or profile.maskrcnn_steps
     initial, learning_rate = None, None
@@ -164,7 +164,7 @@ def train_tumour_stage(dataset, splits: dict, profile: Profile, out_dir: str | o
     return model, _read_json(done)
 
 
-def train_tumour_reference(dataset, splits: dict, profile: Profile, out_dir: str | os.PathLike, seed: int = 0,
+def train_tumor_reference(dataset, splits: dict, profile: Profile, out_dir: str | os.PathLike, seed: int = 0,
                            epochs: int | None = None, resume: bool = True):
     """The dense reference of issue 12 (not the paper's method): a narrow CU-Net on the same kidney crops."""
     from kts import pretrain, reference
@@ -172,8 +172,8 @@ def train_tumour_reference(dataset, splits: dict, profile: Profile, out_dir: str
 
     config = MaskRCNNConfig.from_profile(profile.maskrcnn_profile)
     jitter = pretrain.BOX_JITTER[profile.maskrcnn_profile]
-    train = tumour_crops(dataset, splits["train"], config.crop_size, copies=2, jitter=jitter, seed=seed)
-    val = tumour_crops(dataset, splits["val"], config.crop_size)
+    train = tumor_crops(dataset, splits["train"], config.crop_size, copies=2, jitter=jitter, seed=seed)
+    val = tumor_crops(dataset, splits["val"], config.crop_size)
     reference.train_dense_reference(train[0], train[1], val[0], val[1], out_dir, z=8,
                                     epochs=epochs or REFERENCE_EPOCHS[profile.name], seed=seed, resume=resume)
     return reference.load_dense_reference(out_dir)
@@ -182,7 +182,7 @@ def train_tumour_reference(dataset, splits: dict, profile: Profile, out_dir: str
 REFERENCE_EPOCHS = {"paper": 40, "quick": 15}
 
 
-def compare_tumour_models(models: dict, crops, labels, weightings) -> "Any":
+def compare_tumor_models(models: dict, crops, labels, weightings) -> "Any":
     """One row per model and MR weighting (and ``pooled``): pooled tumour Dice, instance F1/precision/recall, mask AP.
 
     ``models`` maps a name to a :class:`kts.maskrcnn.TumorMaskRCNN` (its own score threshold;
@@ -209,26 +209,26 @@ def compare_tumour_models(models: dict, crops, labels, weightings) -> "Any":
             rows_k = [i for i, w in enumerate(weightings) if group in ("pooled", w)]
             sc = metrics.tumor_scores([pred[i] for i in rows_k], [labels[i] for i in rows_k])
             ap = metrics.mask_ap([every[i] for i in rows_k], [labels[i] for i in rows_k])
-            rows.append({"model": name, "weighting": group, "crops": len(rows_k), "tumours": sc["n_gt"],
-                         "tumour_dice": sc["dice"], "instance_f1": sc["instance_f1"],
+            rows.append({"model": name, "weighting": group, "crops": len(rows_k), "tumors": sc["n_gt"],
+                         "tumor_dice": sc["dice"], "instance_f1": sc["instance_f1"],
                          "instance_precision": sc["instance_precision"], "instance_recall": sc["instance_recall"],
                          "n_predicted": sc["n_predicted"], "mask_ap": ap["AP"]})
     return pd.DataFrame(rows)
 
 
-def write_tumour_stage_table(comparison, results_dir: str | os.PathLike) -> str:
-    """``tumour_stage.md`` and ``.csv`` from :func:`compare_tumour_models` (undefined values "n/a"); returns the markdown."""
+def write_tumor_stage_table(comparison, results_dir: str | os.PathLike) -> str:
+    """``tumor_stage.md`` and ``.csv`` from :func:`compare_tumor_models` (undefined values "n/a"); returns the markdown."""
     from kts import io as kts_io
     from kts.metrics import format_metric
 
-    keys = ("tumour_dice", "instance_f1", "instance_precision", "instance_recall", "mask_ap")
+    keys = ("tumor_dice", "instance_f1", "instance_precision", "instance_recall", "mask_ap")
     text = kts_io.markdown_table(
-        [[r.model, r.weighting, r.crops, r.tumours, *(format_metric(getattr(r, k)) for k in keys)]
+        [[r.model, r.weighting, r.crops, r.tumors, *(format_metric(getattr(r, k)) for k in keys)]
          for r in comparison.itertuples()],
         ["model", "MR weighting", "crops", "tumours", "tumour Dice", "instance F1", "precision", "recall", "mask AP"])
     results_dir = Path(results_dir)
-    kts_io.write_text(results_dir / "tumour_stage.md", text)
-    with kts_io.atomic_path(results_dir / "tumour_stage.csv") as tmp:
+    kts_io.write_text(results_dir / "tumor_stage.md", text)
+    with kts_io.atomic_path(results_dir / "tumor_stage.csv") as tmp:
         comparison.to_csv(tmp, index=False)
     return text
 
@@ -252,68 +252,67 @@ def run_cascade(cunet_model, maskrcnn_model, images, threshold: float = 0.5, sco
     return probabilities, result
 
 
-def score_cascade(kidney_probabilities, kidney_pred, tumour_pred_labels, kidney_gt, tumour_gt_labels,
-                  instance_predictions=None, threshold: float = 0.5, all_detections=None,
-                  weightings=None) -> dict[str, float]:
+def score_cascade(kidney_pred, tumor_pred_labels, kidney_gt, tumor_gt_labels, instance_predictions=None,
+                  all_detections=None, weightings=None) -> dict[str, float]:
     """Table I's IoU and accuracy beside Dice, tumour Dice/IoU, instance F1 and mask AP (errata E9, E37).
 
     Every figure is pooled over all test slices (``kts.metrics``' rule); undefined ones are NaN.
     ``iou`` and ``accuracy`` are the paper's columns: the kidney (CU-Net) foreground IoU and the
     pixel accuracy over whole slices, pooled over all test pixels as Keras' metrics pool them.
-    ``tumour_dice``/``tumour_iou``: the tumour pixels (union of instances). ``accuracy_in_kidney``
+    ``tumor_dice``/``tumor_iou``: the tumour pixels (union of instances). ``accuracy_in_kidney``
     is the accuracy of the tumour-vs-rest decision over the pixels of the ground-truth kidneys
     together with every pixel that is ground-truth or predicted tumour, so that a tumour
     predicted outside the true kidney counts as an error (NaN when that set is empty; before
     E37 only the pixels inside the true kidney were counted). Instance precision, recall and F1
     pool matched/unmatched instances over all slices; precision is NaN when nothing was
-    predicted, with ``n_predicted_instances`` beside it. ``kidney_mean_*``/``tumour_mean_dice``
+    predicted, with ``n_predicted_instances`` beside it. ``kidney_mean_*``/``tumor_mean_dice``
     are per-slice means over the slices where they are defined, their counts in ``*_n_slices``.
-    ``true_negative_slices``: the fraction of the ``n_tumour_free_slices`` where nothing was
-    predicted. ``kidney_probabilities`` and ``threshold`` are accepted for the callers' sake.
+    ``true_negative_slices``: the fraction of the ``n_tumor_free_slices`` where nothing was
+    predicted.
     ``mask_ap`` (COCO, IoU 0.50:0.95) ranks detections by score, so it is computed over every
     detection (``all_detections``: a ``(label_maps, instances)`` pair from a cascade run at
     score threshold 0) when given, else over ``instance_predictions``. ``weightings`` (one MR
-    weighting per slice) adds ``tumour_dice_<w>``, ``instance_f1_<w>`` and ``n_slices_<w>``.
+    weighting per slice) adds ``tumor_dice_<w>``, ``instance_f1_<w>`` and ``n_slices_<w>``.
     """
     from kts import metrics
 
-    tumour_pred_bin = np.asarray(tumour_pred_labels) > 0
-    tumour_gt_bin = np.asarray(tumour_gt_labels) > 0
+    tumor_pred_bin = np.asarray(tumor_pred_labels) > 0
+    tumor_gt_bin = np.asarray(tumor_gt_labels) > 0
     kidney = metrics.summarise(kidney_pred, kidney_gt)
-    tumour = metrics.summarise(tumour_pred_bin, tumour_gt_bin)
-    region = (np.asarray(kidney_gt) > 0) | tumour_gt_bin | tumour_pred_bin
-    accuracy_in_kidney = float(np.mean(tumour_pred_bin[region] == tumour_gt_bin[region])) if region.any() else np.nan
-    inst = metrics.instance_scores(list(tumour_pred_labels), list(tumour_gt_labels))
+    tumor = metrics.summarise(tumor_pred_bin, tumor_gt_bin)
+    region = (np.asarray(kidney_gt) > 0) | tumor_gt_bin | tumor_pred_bin
+    accuracy_in_kidney = float(np.mean(tumor_pred_bin[region] == tumor_gt_bin[region])) if region.any() else np.nan
+    inst = metrics.instance_scores(list(tumor_pred_labels), list(tumor_gt_labels))
     out = {
         "iou": kidney["pooled_iou"], "accuracy": kidney["pooled_accuracy"],
         "kidney_dice": kidney["pooled_dice"],
         "kidney_mean_dice": kidney["mean_dice"], "kidney_mean_dice_n_slices": kidney["mean_dice_n_images"],
         "kidney_mean_iou": kidney["mean_iou"], "kidney_mean_iou_n_slices": kidney["mean_iou_n_images"],
-        "tumour_dice": tumour["pooled_dice"], "tumour_iou": tumour["pooled_iou"],
-        "tumour_mean_dice": tumour["mean_dice"], "tumour_mean_dice_n_slices": tumour["mean_dice_n_images"],
+        "tumor_dice": tumor["pooled_dice"], "tumor_iou": tumor["pooled_iou"],
+        "tumor_mean_dice": tumor["mean_dice"], "tumor_mean_dice_n_slices": tumor["mean_dice_n_images"],
         "accuracy_in_kidney": accuracy_in_kidney, "accuracy_in_kidney_pixels": int(np.count_nonzero(region)),
         "instance_precision": inst["precision"], "instance_recall": inst["recall"], "instance_f1": inst["f1"],
         "n_predicted_instances": inst["n_predicted"], "n_gt_instances": inst["n_gt"],
         "instance_tp": inst["tp"], "instance_fp": inst["fp"], "instance_fn": inst["fn"],
-        "true_negative_slices": inst["true_negative_slices"], "n_tumour_free_slices": inst["negative_slices"],
+        "true_negative_slices": inst["true_negative_slices"], "n_tumor_free_slices": inst["negative_slices"],
         "n_test_slices": kidney["n_images"],
     }
     if all_detections is not None:
-        tumour_pred_labels_ap, instance_predictions = all_detections
+        tumor_pred_labels_ap, instance_predictions = all_detections
     else:
-        tumour_pred_labels_ap = tumour_pred_labels
+        tumor_pred_labels_ap = tumor_pred_labels
     if instance_predictions is not None:
         predictions = [_instance_masks(labels, found)
-                       for labels, found in zip(tumour_pred_labels_ap, instance_predictions, strict=True)]
-        out["mask_ap"] = metrics.mask_ap(predictions, list(tumour_gt_labels))["AP"]
+                       for labels, found in zip(tumor_pred_labels_ap, instance_predictions, strict=True)]
+        out["mask_ap"] = metrics.mask_ap(predictions, list(tumor_gt_labels))["AP"]
     if weightings is not None:
         weightings = list(weightings)
-        if len(weightings) != len(tumour_gt_bin):
-            raise ValueError(f"{len(weightings)} weightings for {len(tumour_gt_bin)} slices")
+        if len(weightings) != len(tumor_gt_bin):
+            raise ValueError(f"{len(weightings)} weightings for {len(tumor_gt_bin)} slices")
         for w in sorted(set(weightings)):
             rows = [i for i, x in enumerate(weightings) if x == w]
-            sc = metrics.tumor_scores([tumour_pred_labels[i] for i in rows], [tumour_gt_labels[i] for i in rows])
-            out[f"tumour_dice_{w}"], out[f"instance_f1_{w}"], out[f"n_slices_{w}"] = \
+            sc = metrics.tumor_scores([tumor_pred_labels[i] for i in rows], [tumor_gt_labels[i] for i in rows])
+            out[f"tumor_dice_{w}"], out[f"instance_f1_{w}"], out[f"n_slices_{w}"] = \
                 sc["dice"], sc["instance_f1"], len(rows)
     return out
 
@@ -326,15 +325,15 @@ def _instance_masks(label_map, instances) -> dict:
             "scores": np.array([inst["score"] for inst in instances], dtype=float)}
 
 
-def pick_figure5_slices(tumour_labels, n: int = 4) -> list[int]:
+def pick_figure5_slices(tumor_labels, n: int = 4) -> list[int]:
     """Slices for Figure 5: those with tumours first (most instances first), then tumour-free ones."""
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"n (the number of slices to show) must be a positive int, got {n!r}")
-    counts = [len(np.unique(t[t > 0])) for t in np.asarray(tumour_labels)]
+    counts = [len(np.unique(t[t > 0])) for t in np.asarray(tumor_labels)]
     order = sorted(range(len(counts)), key=lambda i: (-counts[i], i))
-    with_tumour = [i for i in order if counts[i] > 0]
+    with_tumor = [i for i in order if counts[i] > 0]
     without = [i for i in order if counts[i] == 0]
-    picked = with_tumour[: max(n - 1, 1)] + without[:1]
+    picked = with_tumor[: max(n - 1, 1)] + without[:1]
     picked += [i for i in order if i not in picked]
     return sorted(picked[:n])
 

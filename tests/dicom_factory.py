@@ -67,19 +67,19 @@ def write_series(folder, arrays, positions=None, *, iop=AXIAL, names=None, insta
     return uids
 
 
-def write_masks(folder, uids, kidneys, tumours):
+def write_masks(folder, uids, kidneys, tumors):
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    for uid, kidney, tumour in zip(uids, kidneys, tumours):
+    for uid, kidney, tumor in zip(uids, kidneys, tumors):
         Image.fromarray(np.asarray(kidney, dtype=np.uint8)).save(folder / f"{uid}_kidney.png")
-        Image.fromarray(np.asarray(tumour, dtype=np.uint16)).save(folder / f"{uid}_tumor.png")
+        Image.fromarray(np.asarray(tumor, dtype=np.uint16)).save(folder / f"{uid}_tumor.png")
 
 
-def blob_masks(shape, centre, radius=6, tumour_radius=2):
+def blob_masks(shape, centre, radius=6, tumor_radius=2):
     yy, xx = np.mgrid[: shape[0], : shape[1]]
     kidney = ((yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 <= radius**2).astype(np.uint8) * 255
-    tumour = ((yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 <= tumour_radius**2).astype(np.uint16)
-    return kidney, tumour
+    tumor = ((yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 <= tumor_radius**2).astype(np.uint16)
+    return kidney, tumor
 
 
 def write_case(root, case_id, n_slices=2, shape=(40, 40), seed=0):

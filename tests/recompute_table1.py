@@ -34,9 +34,9 @@ def recompute(results: Path) -> list[str]:
     for row in rows:
         npz = np.load(results / "predictions" / f"{row['slug']}-seed{row['seed']}.npz")
         kidney = pooled(npz["kidney_pred"], npz["kidney_gt"])
-        tumour = pooled(npz["tumour_pred"] > 0, npz["tumour_gt"] > 0)
+        tumor = pooled(npz["tumor_pred"] > 0, npz["tumor_gt"] > 0)
         ours = {"iou": kidney["iou"], "accuracy": kidney["accuracy"], "kidney_dice": kidney["dice"],
-                "tumour_dice": tumour["dice"]}
+                "tumor_dice": tumor["dice"]}
         for key, value in ours.items():
             table = float(row[key]) if row[key] not in ("", "nan", "NaN") else float("nan")
             if np.isnan(table) and np.isnan(value):

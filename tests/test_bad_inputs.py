@@ -72,8 +72,8 @@ def _write_good_case(root: Path, case_id: str, seed: int) -> list[str]:
     uids = write_series(root / case_id / "dicom", arrays, positions)
     yy, xx = np.mgrid[: SHAPE[0], : SHAPE[1]]
     kidney = (((yy - 18) ** 2 + (xx - 20) ** 2) <= 64).astype(np.uint8) * 255
-    tumour = (((yy - 18) ** 2 + (xx - 20) ** 2) <= 4).astype(np.uint16)
-    write_masks(root / case_id / "masks", uids, [kidney] * N_SLICES, [tumour] * N_SLICES)
+    tumor = (((yy - 18) ** 2 + (xx - 20) ** 2) <= 4).astype(np.uint16)
+    write_masks(root / case_id / "masks", uids, [kidney] * N_SLICES, [tumor] * N_SLICES)
     return uids
 
 

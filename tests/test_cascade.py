@@ -128,7 +128,7 @@ def test_paste_instances_merges_crops_with_new_labels_and_score_priority():
         cascade.paste_instances([b, b], [(0, 0, 10, 10)], (40, 40))
 
 
-def test_training_crops_keep_negatives_and_clip_tumours():
+def test_training_crops_keep_negatives_and_clip_tumors():
     mask = two_kidneys()
     tumors = np.zeros((320, 320), np.uint16)
     tumors[ellipse((320, 320), 160, 90, 10, 10)] = 1  # in the left kidney only

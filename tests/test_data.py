@@ -201,11 +201,11 @@ def test_orientation_flips_image_and_masks_alike(tmp_path, iop, stored):
     np.testing.assert_array_equal(volume[0], ANATOMY + 1)
     # the same anatomy drawn as masks in the stored grid comes back aligned with the image
     kidney_stored = (stored >= 10).astype(np.uint8)
-    tumour_stored = np.where(stored >= 30, stored - 29, 0).astype(np.uint16)
-    write_masks(tmp_path / "s" / "masks", uids, [kidney_stored], [tumour_stored])
-    kidney, tumour = data.read_png_masks(tmp_path / "s" / "masks", metas)
+    tumor_stored = np.where(stored >= 30, stored - 29, 0).astype(np.uint16)
+    write_masks(tmp_path / "s" / "masks", uids, [kidney_stored], [tumor_stored])
+    kidney, tumor = data.read_png_masks(tmp_path / "s" / "masks", metas)
     np.testing.assert_array_equal(kidney[0], (ANATOMY >= 10).astype(np.uint8))
-    np.testing.assert_array_equal(tumour[0], np.where(ANATOMY >= 30, ANATOMY - 29, 0))
+    np.testing.assert_array_equal(tumor[0], np.where(ANATOMY >= 30, ANATOMY - 29, 0))
     transposed = iop[0] == 0
     assert metas[0].pixel_spacing == ((0.8, 0.5) if transposed else (0.5, 0.8))
 
@@ -359,12 +359,12 @@ def one_case(tmp_path):
 def test_masks_paired_by_sop_uid_and_binarised(one_case):
     mask_dir, uids, metas, shape = one_case
     kidneys = [blob_masks(shape, (8, 8))[0], blob_masks(shape, (10, 14))[0]]
-    tumours = [np.zeros(shape), blob_masks(shape, (10, 14))[1] * 3]
-    write_masks(mask_dir, uids, kidneys, tumours)
-    kidney, tumour = data.read_png_masks(mask_dir, metas[::-1])  # order follows metas, not files
-    assert kidney.dtype == np.uint8 and tumour.dtype == np.uint16 and kidney.shape == (2, *shape)
+    tumors = [np.zeros(shape), blob_masks(shape, (10, 14))[1] * 3]
+    write_masks(mask_dir, uids, kidneys, tumors)
+    kidney, tumor = data.read_png_masks(mask_dir, metas[::-1])  # order follows metas, not files
+    assert kidney.dtype == np.uint8 and tumor.dtype == np.uint16 and kidney.shape == (2, *shape)
     np.testing.assert_array_equal(kidney[0], kidneys[1] // 255)
-    assert set(np.unique(tumour[0])) == {0, 3} and not tumour[1].any()
+    assert set(np.unique(tumor[0])) == {0, 3} and not tumor[1].any()
 
 
 def test_missing_mask_refused(one_case):
@@ -407,18 +407,18 @@ def test_rgb_mask_refused(one_case):
         data.read_png_masks(mask_dir, metas)
 
 
-def test_tumour_outside_kidney_policy(one_case):
+def test_tumor_outside_kidney_policy(one_case):
     mask_dir, uids, metas, shape = one_case
     kidney = blob_masks(shape, (8, 8))[0]
-    tumour = blob_masks(shape, (15, 18))[1]  # elsewhere
-    write_masks(mask_dir, uids, [kidney] * 2, [tumour] * 2)
+    tumor = blob_masks(shape, (15, 18))[1]  # elsewhere
+    write_masks(mask_dir, uids, [kidney] * 2, [tumor] * 2)
     with pytest.raises(MaskError, match=r"_tumor\.png.*outside the kidney"):
         data.read_png_masks(mask_dir, metas)
     with pytest.warns(UserWarning, match="outside the kidney"):
         k, _ = data.read_png_masks(mask_dir, metas, tumor_outside_kidney="warn")
-    assert not k[0][tumour > 0].any()
+    assert not k[0][tumor > 0].any()
     k, _ = data.read_png_masks(mask_dir, metas, tumor_outside_kidney="merge")
-    assert k[0][tumour > 0].all()
+    assert k[0][tumor > 0].all()
     with pytest.raises(ValueError, match="tumor_outside_kidney"):
         data.read_png_masks(mask_dir, metas, tumor_outside_kidney="ignore")
 
@@ -666,12 +666,12 @@ def test_phantom_series_read_back_exactly(phantom_root):
                                       weighting=phantom.weighting_for(case_index))
         case = phantom_root / phantom.case_id_for(case_index)
         volume, metas = dicom.read_series(case / "dicom")
-        kidney, tumour = data.read_png_masks(case / "masks", metas)
+        kidney, tumor = data.read_png_masks(case / "masks", metas)
         assert [m.case_id for m in metas] == [truth[0].case_id] * 3
         for i, s in enumerate(truth):
             np.testing.assert_allclose(volume[i], s.image, rtol=0, atol=1e-3)
             np.testing.assert_array_equal(kidney[i], s.kidney_mask)
-            np.testing.assert_array_equal(tumour[i], s.tumor_labels)
+            np.testing.assert_array_equal(tumor[i], s.tumor_labels)
         assert [m.slice_position for m in metas] == sorted(m.slice_position for m in metas)
 
 

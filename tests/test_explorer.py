@@ -48,15 +48,15 @@ def _disc(cy, cx, r):
 def scene():
     """A kidney disc with a tumour at its centre; CU-Net probabilities falling off from the centre."""
     kidney = _disc(48, 48, 20).astype(np.uint8)
-    tumour = _disc(48, 48, 5).astype(np.uint16)
+    tumor = _disc(48, 48, 5).astype(np.uint16)
     yy, xx = np.mgrid[:SIZE, :SIZE]
     probability = np.clip(1.0 - np.hypot(yy - 48, xx - 48) / 40.0, 0, 1).astype(np.float32)
-    image = (kidney * 120 + tumour * 80 + 20).astype(np.float32)
-    return image, kidney, tumour, probability
+    image = (kidney * 120 + tumor * 80 + 20).astype(np.float32)
+    return image, kidney, tumor, probability
 
 
 def test_the_cunet_threshold_recuts_the_crops_and_reruns_mask_rcnn(scene):
-    image, kidney, tumour, probability = scene
+    image, kidney, tumor, probability = scene
     model = FakeMaskRCNN()
     low = explorer.cascade_slice(image, probability, model, threshold=0.3)
     high = explorer.cascade_slice(image, probability, model, threshold=0.7)
@@ -65,7 +65,7 @@ def test_the_cunet_threshold_recuts_the_crops_and_reruns_mask_rcnn(scene):
     (y0, x0, y1, x1), = low.regions
     (v0, u0, v1, u1), = high.regions
     assert (y1 - y0) > (v1 - v0), "a lower threshold gives a larger kidney, hence a larger crop"
-    assert low.tumour_pred.max() == 1 and low.instances[0]["score"] == pytest.approx(0.8)
+    assert low.tumor_pred.max() == 1 and low.instances[0]["score"] == pytest.approx(0.8)
     assert low.score_threshold == 0.5, "None takes the model's own score threshold"
 
 
@@ -78,11 +78,11 @@ def test_the_score_threshold_reaches_mask_rcnn(scene):
     assert len(strict.instances) == 1 and len(lenient.instances) == 2
 
 
-def test_a_slice_without_kidney_gives_no_crop_and_no_tumour(scene):
+def test_a_slice_without_kidney_gives_no_crop_and_no_tumor(scene):
     image, _, _, probability = scene
     model = FakeMaskRCNN()
     res = explorer.cascade_slice(image, probability * 0.1, model, threshold=0.5)
-    assert res.regions == [] and not res.tumour_pred.any() and model.calls == []
+    assert res.regions == [] and not res.tumor_pred.any() and model.calls == []
 
 
 @pytest.mark.parametrize("bad", [0.0, 1.0, -0.1, 1.5])
@@ -99,23 +99,23 @@ def test_mismatched_shapes_are_refused(scene):
 
 
 def test_slice_scores_are_those_of_kts_metrics(scene):
-    image, kidney, tumour, probability = scene
+    image, kidney, tumor, probability = scene
     res = explorer.cascade_slice(image, probability, FakeMaskRCNN(), threshold=0.5)
-    sc = explorer.slice_scores(res.kidney_pred, kidney, res.tumour_pred, tumour)
+    sc = explorer.slice_scores(res.kidney_pred, kidney, res.tumor_pred, tumor)
     assert sc["kidney_iou"] == pytest.approx(metrics.iou(res.kidney_pred, kidney))
     assert sc["kidney_dice"] == pytest.approx(metrics.dice(res.kidney_pred, kidney))
-    assert sc["tumour_dice"] == pytest.approx(metrics.tumor_scores([res.tumour_pred], [tumour])["dice"])
+    assert sc["tumor_dice"] == pytest.approx(metrics.tumor_scores([res.tumor_pred], [tumor])["dice"])
     counts = metrics.confusion(res.kidney_pred, kidney)
     assert (sc["kidney_tp"], sc["kidney_fp"], sc["kidney_fn"]) == (counts["tp"], counts["fp"], counts["fn"])
     assert sc["n_gt"] == 1 and sc["n_predicted"] == 1
 
 
-def test_tumour_free_slice_with_nothing_predicted_is_na_not_one():
+def test_tumor_free_slice_with_nothing_predicted_is_na_not_one():
     empty = np.zeros((8, 8), np.uint16)
     kidney = np.zeros((8, 8), np.uint8)
     kidney[2:6, 2:6] = 1
     sc = explorer.slice_scores(kidney, kidney, empty, empty)
-    assert sc["kidney_iou"] == 1.0 and np.isnan(sc["tumour_dice"]) and np.isnan(sc["instance_f1"])
+    assert sc["kidney_iou"] == 1.0 and np.isnan(sc["tumor_dice"]) and np.isnan(sc["instance_f1"])
     html = explorer.scores_html(sc)
     assert "n/a" in html and "kts-tumour-dice" in html
 
@@ -147,9 +147,9 @@ def test_outcome_map_codes_tp_fp_fn():
 
 @pytest.mark.parametrize("mode", list(explorer.MODES))
 def test_view_figure_draws_a_legend_of_what_is_shown(scene, mode):
-    image, kidney, tumour, probability = scene
+    image, kidney, tumor, probability = scene
     res = explorer.cascade_slice(image, probability, FakeMaskRCNN(), threshold=0.5)
-    fig = explorer.view_figure(image, kidney, tumour, res.kidney_pred, res.tumour_pred, mode=mode,
+    fig = explorer.view_figure(image, kidney, tumor, res.kidney_pred, res.tumor_pred, mode=mode,
                                regions=res.regions)
     assert isinstance(fig, Figure)
     labels = [t.get_text() for legend in fig.legends for t in legend.get_texts()]
@@ -157,17 +157,17 @@ def test_view_figure_draws_a_legend_of_what_is_shown(scene, mode):
         assert {"true kidney", "true tumour", "CU-Net kidney", "Mask R-CNN tumour", "kidney crop"} <= set(labels)
     else:
         assert "kidney correct (TP)" in labels and "tumour missed (FN)" in labels
-    off = explorer.view_figure(image, kidney, tumour, res.kidney_pred, res.tumour_pred, mode=mode,
+    off = explorer.view_figure(image, kidney, tumor, res.kidney_pred, res.tumor_pred, mode=mode,
                                layers={"image": True})
     assert not off.legends, "nothing switched on, nothing to explain"
 
 
 def test_unknown_layer_and_mode_are_refused(scene):
-    image, kidney, tumour, _ = scene
+    image, kidney, tumor, _ = scene
     with pytest.raises(ValueError, match="unknown layer"):
-        explorer.view_figure(image, kidney, tumour, kidney, tumour, layers={"maskrcnn_": True})
+        explorer.view_figure(image, kidney, tumor, kidney, tumor, layers={"maskrcnn_": True})
     with pytest.raises(ValueError, match="mode"):
-        explorer.view_figure(image, kidney, tumour, kidney, tumour, mode="tp")
+        explorer.view_figure(image, kidney, tumor, kidney, tumor, mode="tp")
 
 
 def test_scores_html_shows_the_case_and_only_what_is_switched_on():
@@ -186,22 +186,22 @@ def test_slice_label_is_what_a_student_reads():
 
 
 def test_threshold_grid_reruns_the_cascade_per_panel(scene):
-    image, kidney, tumour, probability = scene
+    image, kidney, tumor, probability = scene
     model = FakeMaskRCNN()
-    fig = explorer.threshold_grid(image, kidney, tumour, probability, model, (0.3, 0.5, 0.7), case="case-1")
+    fig = explorer.threshold_grid(image, kidney, tumor, probability, model, (0.3, 0.5, 0.7), case="case-1")
     assert len(model.calls) == 3
     titles = [ax.get_title() for ax in fig.axes]
     assert len(titles) == 3 and all("kidney IoU" in t for t in titles)
     assert len({t.splitlines()[1] for t in titles}) == 3, "each threshold gives its own kidney IoU"
     with pytest.raises(ValueError, match="at least one"):
-        explorer.threshold_grid(image, kidney, tumour, probability, model, ())
+        explorer.threshold_grid(image, kidney, tumor, probability, model, ())
 
 
 def test_explorer_widget_updates_scores_and_caches_the_cascade(scene):
     pytest.importorskip("ipywidgets")
-    image, kidney, tumour, probability = scene
+    image, kidney, tumor, probability = scene
     model = FakeMaskRCNN()
-    ex = explorer.Explorer([image, image], [kidney, kidney], [tumour, tumour], [probability, probability * 0.9],
+    ex = explorer.Explorer([image, image], [kidney, kidney], [tumor, tumor], [probability, probability * 0.9],
                            model, labels=["case-a", "case-b"], threshold=0.5)
     first = dict(ex.last_scores)
     assert "kts-kidney-iou" in ex.scores.value and "case-a" in ex.scores.value

@@ -194,7 +194,7 @@ def test_a_covered_duplicate_leaves_no_crescent():
     assert kept.max() == 2  # the literal "higher score wins" leaves the crescent as a second instance
 
 
-def test_every_tumour_size_gets_positive_anchors():
+def test_every_tumor_size_gets_positive_anchors():
     """Anchors (scales, levels, match threshold) give the crops' tumours several positives (errata E38)."""
     for config in (MaskRCNNConfig.quick(), MaskRCNNConfig.paper()):
         _, labels = blob_crops(24, config.crop_size, seed=4)
@@ -218,7 +218,7 @@ def trained():
 
 
 @pytest.mark.slow
-def test_training_learns_to_find_tumours(trained):
+def test_training_learns_to_find_tumors(trained):
     from kts import metrics
 
     model, history = trained

@@ -193,18 +193,18 @@ def _prediction(seed=3):
     kidney = np.zeros((N, ROWS, COLS), np.uint8)
     kidney[:, 2:9, 2:8] = 1
     kidney[0] = 0  # an empty slice: highdicom omits its frames
-    tumour = kidney * (rng.random((N, ROWS, COLS)) > 0.6)
-    return kidney, tumour.astype(np.uint8)
+    tumor = kidney * (rng.random((N, ROWS, COLS)) > 0.6)
+    return kidney, tumor.astype(np.uint8)
 
 
 def test_seg_export_import_round_trip(tiny_mr_series, tmp_path):
     folder, datasets, metas = tiny_mr_series
-    kidney, tumour = _prediction()
+    kidney, tumor = _prediction()
     when = dt.datetime(2024, 1, 2, 3, 4, 5)
-    path = masks.write_seg(tmp_path / "out" / "pred.seg.dcm", folder, metas, kidney, tumour, content_datetime=when)
+    path = masks.write_seg(tmp_path / "out" / "pred.seg.dcm", folder, metas, kidney, tumor, content_datetime=when)
     got = masks.read_seg_mask(path, metas, segment_labels=("Kidney", "Tumor"))
     np.testing.assert_array_equal(got["Kidney"], kidney)
-    np.testing.assert_array_equal(got["Tumor"], tumour)
+    np.testing.assert_array_equal(got["Tumor"], tumor)
     seg = pydicom.dcmread(path)
     assert seg.Modality == "SEG" and seg.SegmentationType == "BINARY"
     assert seg.PatientID == PATIENT and seg.StudyInstanceUID == datasets[0].StudyInstanceUID
@@ -212,14 +212,14 @@ def test_seg_export_import_round_trip(tiny_mr_series, tmp_path):
     assert seg.SegmentSequence[0].SegmentAlgorithmName == "kts CU-Net + Mask R-CNN"
     assert {str(r.SeriesInstanceUID) for r in seg.ReferencedSeriesSequence} == {str(datasets[0].SeriesInstanceUID)}
     assert not list((tmp_path / "out").glob(".*tmp*"))
-    again = masks.write_seg(tmp_path / "again.dcm", folder, metas, kidney, tumour, content_datetime=when)
+    again = masks.write_seg(tmp_path / "again.dcm", folder, metas, kidney, tumor, content_datetime=when)
     assert again.read_bytes() == path.read_bytes()
 
 
 def test_seg_against_another_series_is_refused(tiny_mr_series, tmp_path):
     folder, datasets, metas = tiny_mr_series
-    kidney, tumour = _prediction()
-    path = masks.write_seg(tmp_path / "pred.dcm", folder, metas, kidney, tumour)
+    kidney, tumor = _prediction()
+    path = masks.write_seg(tmp_path / "pred.dcm", folder, metas, kidney, tumor)
     other_folder = tmp_path / "other"
     write_series(other_folder, tiny_mr_datasets(N, ROWS, COLS, seed=99))
     _, other_metas = read_series(other_folder)
@@ -228,7 +228,7 @@ def test_seg_against_another_series_is_refused(tiny_mr_series, tmp_path):
     with pytest.raises(MaskError, match="no segment labelled 'Liver'"):
         masks.read_seg_mask(path, metas, segment_labels=("Liver",))
     with pytest.raises(ValueError, match=r"\[n, H, W\]"):
-        masks.write_seg(tmp_path / "bad.dcm", folder, metas, kidney[:2], tumour[:2])
+        masks.write_seg(tmp_path / "bad.dcm", folder, metas, kidney[:2], tumor[:2])
 
 
 # ----------------------------------------------------------------------------- PNG
@@ -238,15 +238,15 @@ def test_png_masks_are_matched_by_sop_uid(tiny_mr_series, tmp_path):
     folder, datasets, metas = tiny_mr_series
     mask_dir = tmp_path / "masks"
     mask_dir.mkdir()
-    kidney, tumour = _prediction()
+    kidney, tumor = _prediction()
     kidney[0, 5, 5] = 1  # no empty kidney slice
     by_sop = {m.sop_instance_uid: i for i, m in enumerate(metas)}
     for sop, i in by_sop.items():
         Image.fromarray(kidney[i] * 255).save(mask_dir / f"{sop}_kidney.png")
-        Image.fromarray(tumour[i].astype(np.uint16)).save(mask_dir / f"{sop}_tumor.png")
-    got_kidney, got_tumour = masks.read_png_masks(mask_dir, metas)
+        Image.fromarray(tumor[i].astype(np.uint16)).save(mask_dir / f"{sop}_tumor.png")
+    got_kidney, got_tumor = masks.read_png_masks(mask_dir, metas)
     np.testing.assert_array_equal(got_kidney, kidney)
-    np.testing.assert_array_equal(got_tumour, tumour)
+    np.testing.assert_array_equal(got_tumor, tumor)
     (mask_dir / f"{metas[1].sop_instance_uid}_tumor.png").unlink()
     with pytest.raises(MaskError, match=f"{metas[1].sop_instance_uid}_tumor.png"):
         masks.read_png_masks(mask_dir, metas)

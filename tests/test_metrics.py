@@ -142,7 +142,7 @@ def test_mask_ap_perfect_and_miss():
     assert math.isnan(metrics.mask_ap([{}], [np.zeros((5, 5))])["AP"])  # no tumour: undefined, not -1
 
 
-def _half_tumour_free_set():
+def _half_tumor_free_set():
     """Four crops, two with a tumour each and two tumour-free; a detector that predicts nothing."""
     gt = [_labels((2, 8, 2, 8)), _labels((10, 16, 4, 12)), _labels(), _labels()]
     return [np.zeros((20, 20), np.uint16) for _ in gt], gt
@@ -150,7 +150,7 @@ def _half_tumour_free_set():
 
 def test_a_detector_that_finds_nothing_scores_zero_not_half():
     """Issue 17: per-crop Dice with "both empty = 1" gave such a detector Dice 0.5 and precision 1."""
-    pred, gt = _half_tumour_free_set()
+    pred, gt = _half_tumor_free_set()
     pixels = metrics.summarise([p > 0 for p in pred], [g > 0 for g in gt])
     assert pixels["mean_dice"] == 0.0  # was 0.5: the tumour-free crops each added a Dice of 1
     assert pixels["pooled_dice"] == 0.0 and math.isnan(pixels["pooled_precision"])
@@ -193,21 +193,21 @@ def test_nothing_to_find_and_nothing_claimed_is_undefined_not_perfect():
 def _kidney_case():
     kidney = np.zeros((1, 20, 20), np.uint8)
     kidney[0, 2:12, 2:12] = 1  # 100 pixels
-    tumour = np.zeros((1, 20, 20), np.uint16)
-    tumour[0, 4:8, 4:8] = 1  # 16 pixels, inside the kidney
-    return kidney, tumour
+    tumor = np.zeros((1, 20, 20), np.uint16)
+    tumor[0, 4:8, 4:8] = 1  # 16 pixels, inside the kidney
+    return kidney, tumor
 
 
-def test_tumour_predicted_outside_the_kidney_lowers_accuracy_in_kidney():
+def test_tumor_predicted_outside_the_kidney_lowers_accuracy_in_kidney():
     """Issue 17: counting only the pixels inside the true kidney never saw such a tumour as an error."""
     from kts import workflow
 
-    kidney, tumour = _kidney_case()
-    exact = workflow.score_cascade(None, kidney, tumour, kidney, tumour)
+    kidney, tumor = _kidney_case()
+    exact = workflow.score_cascade(kidney, tumor, kidney, tumor)
     assert exact["accuracy_in_kidney"] == 1.0
-    outside = tumour.copy()
+    outside = tumor.copy()
     outside[0, 14:19, 14:19] = 2  # 25 pixels of tumour predicted outside the kidney
-    s = workflow.score_cascade(None, kidney, outside, kidney, tumour)
+    s = workflow.score_cascade(kidney, outside, kidney, tumor)
     assert s["accuracy_in_kidney"] == pytest.approx(100 / 125)  # was 1.0
     assert s["accuracy_in_kidney_pixels"] == 125 and exact["accuracy_in_kidney_pixels"] == 100
     assert s["instance_fp"] == 1 and s["n_predicted_instances"] == 2 and s["instance_precision"] == 0.5
@@ -216,16 +216,16 @@ def test_tumour_predicted_outside_the_kidney_lowers_accuracy_in_kidney():
 def test_score_cascade_reports_nothing_found_as_such():
     from kts import workflow
 
-    kidney, tumour = _kidney_case()
+    kidney, tumor = _kidney_case()
     free_kidney = kidney.copy()
     kidneys = np.concatenate([kidney, free_kidney])
-    gt = np.concatenate([tumour, np.zeros_like(tumour)])  # one slice with a tumour, one tumour-free
-    s = workflow.score_cascade(None, kidneys, np.zeros_like(gt), kidneys, gt)
-    assert s["tumour_dice"] == 0.0 and s["instance_f1"] == 0.0 and s["instance_recall"] == 0.0
-    assert s["tumour_mean_dice"] == 0.0  # was 0.5
+    gt = np.concatenate([tumor, np.zeros_like(tumor)])  # one slice with a tumour, one tumour-free
+    s = workflow.score_cascade(kidneys, np.zeros_like(gt), kidneys, gt)
+    assert s["tumor_dice"] == 0.0 and s["instance_f1"] == 0.0 and s["instance_recall"] == 0.0
+    assert s["tumor_mean_dice"] == 0.0  # was 0.5
     assert math.isnan(s["instance_precision"])  # was 1.0
-    assert s["n_predicted_instances"] == 0 and s["tumour_mean_dice_n_slices"] == 1
-    assert s["n_tumour_free_slices"] == 1 and s["true_negative_slices"] == 1.0
+    assert s["n_predicted_instances"] == 0 and s["tumor_mean_dice_n_slices"] == 1
+    assert s["n_tumor_free_slices"] == 1 and s["true_negative_slices"] == 1.0
     assert s["accuracy_in_kidney"] == pytest.approx((200 - 16) / 200)
     assert s["kidney_dice"] == 1.0 and s["kidney_mean_dice_n_slices"] == 2 and s["n_test_slices"] == 2
 
@@ -275,7 +275,7 @@ def test_table1_frames_its_columns_and_test_set_sizes():
     from kts import study
 
     runs = pd.concat([_runs([(0, 0.8)]), _runs([(0, 0.5)]).assign(partition="TD-60% VD-20%", n_test_slices=5)])
-    runs["tumour_iou"] = [0.61, 0.42]
+    runs["tumor_iou"] = [0.61, 0.42]
     table = study.table1_from_runs(runs)
     text = study.to_markdown(table)
     header = text.splitlines()[0]
@@ -291,8 +291,8 @@ def test_study_rescores_a_record_scored_under_an_older_rule(tmp_path, monkeypatc
     """A metrics.json of the old rule must not be reused as it is (its precision 1.0 would survive)."""
     from kts import data, study, workflow
 
-    run_dir = tmp_path / workflow.run_name("TD-70% VD-6%", 0)
-    run_dir.mkdir()
+    run_dir = workflow.run_folder(tmp_path, "TD-70% VD-6%", 0)
+    run_dir.mkdir(parents=True)
     (run_dir / "metrics.json").write_text(json.dumps({"iou": 0.9, "instance_precision": 1.0, "wall_s": 12.0}))
 
     class Rescored(Exception):

@@ -122,7 +122,7 @@ def _explorer_notebook(path: Path) -> None:
                       tumor_labels=np.stack([tumour, tumour]),
                       index=pd.DataFrame({"case_id": ["case-a", "case-b"], "weighting": ["t2", "t1_post"]}))
         probabilities = np.stack([kidney * 0.8, kidney * 0.6])
-        tumour_model = FakeMaskRCNN()
+        tumor_model = FakeMaskRCNN()
         THRESHOLD, SLICE = 0.5, 0
         """)
     notebook = nbformat.v4.new_notebook()

@@ -86,11 +86,11 @@ def test_goals_table_judges_each_goal_from_results(tmp_path):
 
     from kts import pipeline
 
-    pd.DataFrame({"partition": ["a", "b"], "kidney_dice_mean": [0.96, 0.94], "tumour_dice_mean": [0.9, 0.86],
+    pd.DataFrame({"partition": ["a", "b"], "kidney_dice_mean": [0.96, 0.94], "tumor_dice_mean": [0.9, 0.86],
                   "instance_f1_mean": [0.95, float("nan")]}).to_csv(tmp_path / "table1.csv", index=False)
     goals = pipeline.goal_values(tmp_path)
     assert goals["kidney_dice"]["met"] is False and goals["kidney_dice"]["n_met"] == 1
-    assert goals["tumour_dice"]["met"] is True
+    assert goals["tumor_dice"]["met"] is True
     assert goals["instance_f1"]["met"] is False  # an undefined F1 is not a met goal
     assert goals["unseen_contrast_dice"]["met"] is None
     text = pipeline.goals_section(tmp_path)

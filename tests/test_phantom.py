@@ -231,7 +231,7 @@ def test_kidneys_inside_body_two_components(default_slices):
     assert two >= 25
 
 
-def test_tumour_instances(default_slices):
+def test_tumor_instances(default_slices):
     n_touching = 0
     for s in default_slices:
         labels = s.tumor_labels
@@ -358,7 +358,7 @@ def test_figure3(default_slices):
 
 
 @pytest.mark.parametrize("weighting,sign", [("t1_post", -1), ("t2", +1), ("t1_pre", -1)])
-def test_paper_difficulty_tumours_are_delineable(weighting, sign):
+def test_paper_difficulty_tumors_are_delineable(weighting, sign):
     """Issue 12: at "paper" difficulty every weighting shows its tumours to a reader (errata E36).
 
     ccRCC: T2 hyperintense, T1 pre-contrast iso/hypointense with opposed-phase signal drop,
@@ -375,7 +375,7 @@ def test_paper_difficulty_tumours_are_delineable(weighting, sign):
     assert np.mean(np.abs(cnr) < 1.0) <= 0.15
 
 
-def test_tumor_contrast_of_an_invisible_tumour_is_zero():
+def test_tumor_contrast_of_an_invisible_tumor_is_zero():
     s = phantom.generate_case(1, seed=0, difficulty="paper")[0]
     labels = np.zeros_like(s.tumor_labels)
     labels[150:170, 150:170] = 1

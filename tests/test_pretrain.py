@@ -30,7 +30,7 @@ def test_shipped_weights_stay_small():
 
 
 @pytest.mark.slow
-def test_shipped_quick_weights_load_and_find_tumours():
+def test_shipped_quick_weights_load_and_find_tumors():
     model = pretrain.load_pretrained("quick")
     # 20 unseen cases (40 crops): 6 cases held too few tumours for a stable recall (0.25 on this
     # seed against 0.55 on the 60 held-out cases of the provenance; CI failed on it).

@@ -89,7 +89,7 @@ def test_one_study_run_is_bitwise_repeatable(two_phantoms, tmp_path):
         records.append(record)
     a, b = (_stable(r) for r in records)
     assert a == b
-    saved = [json.loads((tmp_path / n / "work" / "70-6-seed0" / "metrics.json").read_text()) for n in "ab"]
+    saved = [json.loads((tmp_path / n / "work" / "study" / "70-6-seed0" / "metrics.json").read_text()) for n in "ab"]
     assert _stable(saved[0]) == _stable(saved[1])
     pred_a, pred_b = (_npz(tmp_path / n / "predictions" / "70-6-seed0.npz") for n in "ab")
     assert pred_a == pred_b
