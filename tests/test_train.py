@@ -151,3 +151,25 @@ def test_mirrored_strategy_over_two_logical_cpus(tmp_path):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "REPLICAS 2 EPOCHS 1" in out.stdout
+
+
+def test_foreground_iou_equals_keras_binary_iou_bit_for_bit():
+    """kts.train.ForegroundIoU replaces BinaryIoU for speed (issue 15): same value, batch after batch."""
+    import keras
+
+    from kts.train import ForegroundIoU
+
+    rng = np.random.default_rng(0)
+    reference, ours = keras.metrics.BinaryIoU(target_class_ids=[1], threshold=0.5), ForegroundIoU()
+    assert float(ours.result()) == float(reference.result()) == 0.0  # nothing seen yet
+    for _ in range(20):
+        truth = (rng.random((3, 40, 40, 1)) > rng.random()).astype("float32")
+        predicted = (rng.random((3, 40, 40, 1)) ** rng.random()).astype("float32")
+        predicted[0, 0, 0, 0] = 0.5  # the threshold itself counts as foreground in both
+        reference.update_state(truth, predicted)
+        ours.update_state(truth, predicted)
+        assert float(ours.result()) == float(reference.result())
+    ours.reset_state()
+    ours.update_state(np.zeros((1, 4, 4, 1)), np.zeros((1, 4, 4, 1)))
+    assert float(ours.result()) == 0.0  # no foreground anywhere: 0 like BinaryIoU, not NaN
+    assert ForegroundIoU.from_config(ours.get_config()).threshold == 0.5
