@@ -5,6 +5,9 @@ scanners, the intensity of the input images varies"); the paper does not measure
 one MR weighting is left out: the CU-Net trains on cases of the other weightings (split
 70/10/20 by case, as ``kts.data.split``) and is scored on the test cases of the weightings
 it saw and on every case of the one it did not see. The gap between the two is the answer.
+A second unseen condition (issue 16) is a harder acquisition of the weightings it saw: the
+same phantom at ``"hard"`` difficulty (lower SNR and tissue contrast, a stronger bias field,
+more pose variation), all of whose cases are new anatomy to the model.
 Like the split study, a finished run leaves ``metrics.json`` behind and is not retrained.
 """
 from __future__ import annotations
@@ -50,44 +53,71 @@ def leave_one_out_splits(index, held_out: str, seed: int = 0) -> dict[str, list[
 
 
 def run_one(dataset, held_out: str, seed: int, profile: Profile, work_dir: str | os.PathLike,
-            intensity: str = "none") -> dict:
+            intensity: str = "none", hard=None) -> dict:
     """Train the CU-Net without ``held_out`` and score it on seen and unseen contrasts (resumable,
     :func:`kts.runs.resumable`).
 
     ``intensity``: ``"none"`` is the paper's recipe; ``"random_lut"`` adds random intensity
     curves to training (``kts.train.random_lut``), the usual remedy for unseen contrasts;
     ``"synth"`` re-synthesises training images from the phantom's tissue label maps (``kts.synth``).
+    ``hard``: the same phantom at hard difficulty (:func:`hard_dataset`); the model is then
+    also scored on its cases of the weightings it trained on (``test_hard_*``, ``hard_gap``).
     """
     from kts.runs import resumable
 
     run_dir = Path(work_dir) / f"without-{held_out}{'' if intensity == 'none' else '-' + intensity}-seed{seed}"
-    return resumable(run_dir, lambda folder: _train_and_score(dataset, held_out, seed, profile, folder, intensity))
+    return resumable(run_dir, lambda folder: _train_and_score(dataset, held_out, seed, profile, folder, intensity, hard),
+                     needs=("test_hard_dice",) if hard is not None else ())
 
 
-def _train_and_score(dataset, held_out: str, seed: int, profile: Profile, run_dir: Path, intensity: str) -> dict:
-    from kts import metrics, workflow
+def hard_dataset(profile: Profile, seed: int = 0):
+    """The profile's phantom at ``"hard"`` difficulty (same seed, size and case count), extracted and cached."""
+    import dataclasses
+
+    from kts import workflow
+
+    return workflow.prepare_dataset(dataclasses.replace(profile, difficulty="hard"), seed=seed)[0]
+
+
+def _score(model, test) -> dict:
+    from kts import metrics
     from kts.train import predict_probabilities
+
+    return metrics.summarise(predict_probabilities(model, test.images) > 0.5, test.kidney_masks)
+
+
+def _train_and_score(dataset, held_out: str, seed: int, profile: Profile, run_dir: Path, intensity: str,
+                     hard=None) -> dict:
+    from kts import workflow
 
     splits = leave_one_out_splits(dataset.index, held_out, seed)
     kts_io.write_json(run_dir / "splits.json", splits)
     kidney = workflow.train_kidney_stage(dataset, splits, profile, run_dir / "cunet", seed=seed, intensity=intensity)
+    trained_on = sorted(set(dataset.subset(splits["train"]).index["weighting"]))
     # scoring (and wall_s, at the end) are filled in by kts.runs.resumable; listed to keep the column order
     record = {"held_out": held_out, "intensity": intensity, "seed": seed, "profile": profile.name,
-              "trained_on": sorted(set(dataset.subset(splits["train"]).index["weighting"])),
-              "n_train": len(splits["train"]), "n_val": len(splits["val"]), "scoring": None}
-    for side in ("test_seen", "test_unseen"):
-        test = dataset.subset(splits[side])
-        scores = metrics.summarise(predict_probabilities(kidney.model, test.images) > 0.5, test.kidney_masks)
+              "trained_on": trained_on, "n_train": len(splits["train"]), "n_val": len(splits["val"]),
+              "scoring": None}
+    tests = {side: dataset.subset(splits[side]) for side in ("test_seen", "test_unseen")}
+    if hard is not None:
+        by_case = hard.index.drop_duplicates("case_id").set_index("case_id")["weighting"]
+        tests["test_hard"] = hard.subset(sorted(c for c, w in by_case.items() if w in trained_on))
+    for side, test in tests.items():
+        scores = _score(kidney.model, test)
         record.update({f"{side}_dice": scores["pooled_dice"], f"{side}_iou": scores["pooled_iou"],
                        f"{side}_mean_dice": scores["mean_dice"],
-                       f"{side}_mean_dice_n_slices": scores["mean_dice_n_images"], f"n_{side}": len(splits[side])})
+                       f"{side}_mean_dice_n_slices": scores["mean_dice_n_images"],
+                       f"n_{side}": len(set(test.index["case_id"]))})
     record["dice_gap"] = record["test_seen_dice"] - record["test_unseen_dice"]
+    if hard is not None:
+        record["hard_gap"] = record["test_seen_dice"] - record["test_hard_dice"]
     return record
 
 
 def run_study(dataset, profile: Profile, held_out: Iterable[str], seed: int, work_dir: str | os.PathLike,
-              intensities: Iterable[str] = ("none", "random_lut")):
-    """One row per left-out weighting and training recipe: kidney Dice on seen and unseen contrasts, the gap."""
+              intensities: Iterable[str] = ("none", "random_lut", "synth"), hard=None):
+    """One row per left-out weighting and training recipe: kidney Dice on seen and unseen contrasts, the gap;
+    with ``hard`` (:func:`hard_dataset`) also on the seen weightings at that difficulty."""
     from kts.metrics import format_metric
     from kts.runs import run_all
     from kts.train import INTENSITY
@@ -96,23 +126,39 @@ def run_study(dataset, profile: Profile, held_out: Iterable[str], seed: int, wor
     unknown = sorted(set(intensities) - set(INTENSITY))
     if unknown:
         raise ValueError(f"unknown intensity recipes {unknown}: choose from {list(INTENSITY)}")
+
+    def describe(row):
+        text = (f"without {row['held_out']}, intensity {row['intensity']}: kidney Dice "
+                f"{format_metric(row['test_seen_dice'])} on seen contrasts, "
+                f"{format_metric(row['test_unseen_dice'])} on {row['held_out']}")
+        if "test_hard_dice" in row:
+            text += f", {format_metric(row['test_hard_dice'])} at hard difficulty"
+        return text
+
     return run_all(((w, i) for w in held_out for i in intensities),
-                   lambda item: run_one(dataset, item[0], seed, profile, work_dir, item[1]),
-                   lambda row: (f"without {row['held_out']}, intensity {row['intensity']}: kidney Dice "
-                                f"{format_metric(row['test_seen_dice'])} on seen contrasts, "
-                                f"{format_metric(row['test_unseen_dice'])} on {row['held_out']}"))
+                   lambda item: run_one(dataset, item[0], seed, profile, work_dir, item[1], hard), describe)
 
 
 def to_markdown(table) -> str:
-    """The study as a markdown table (pooled kidney Dice; ``dice_gap`` = seen - unseen; undefined: "n/a")."""
+    """The study as a markdown table (pooled kidney Dice; ``gap`` = seen - unseen; undefined: "n/a")."""
     from kts.metrics import format_metric
 
+    def gap(value):
+        return "n/a" if format_metric(value) == "n/a" else f"{value:+.3f}"
+
+    hard = "test_hard_dice" in table.columns
     header = ("left out", "intensity augmentation", "trained on", "seen-contrast test cases", "kidney Dice, seen",
               "unseen-contrast cases", "kidney Dice, unseen", "gap")
-    rows = [(row["held_out"], row["intensity"], ", ".join(row["trained_on"]), str(row["n_test_seen"]),
-             format_metric(row["test_seen_dice"]), str(row["n_test_unseen"]), format_metric(row["test_unseen_dice"]),
-             "n/a" if format_metric(row["dice_gap"]) == "n/a" else f"{row['dice_gap']:+.3f}")
-            for _, row in table.iterrows()]
+    if hard:
+        header += ("hard-difficulty cases (seen weightings)", "kidney Dice, hard", "gap, hard")
+    rows = []
+    for _, row in table.iterrows():
+        cells = (row["held_out"], row["intensity"], ", ".join(row["trained_on"]), str(row["n_test_seen"]),
+                 format_metric(row["test_seen_dice"]), str(row["n_test_unseen"]),
+                 format_metric(row["test_unseen_dice"]), gap(row["dice_gap"]))
+        if hard:
+            cells += (str(int(row["n_test_hard"])), format_metric(row["test_hard_dice"]), gap(row["hard_gap"]))
+        rows.append(cells)
     return kts_io.markdown_table(rows, header)
 
 

@@ -20,18 +20,21 @@ from kts import io as kts_io
 RECORD_FILE = "metrics.json"
 
 
-def resumable(run_dir: str | os.PathLike, body: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
+def resumable(run_dir: str | os.PathLike, body: Callable[[Path], dict[str, Any]],
+              needs: Iterable[str] = ()) -> dict[str, Any]:
     """``body(run_dir)`` -> the run's record, unless a record scored under the current rule exists.
 
-    The record gets ``wall_s`` (the body's time, or the earlier training's when rescored) and
-    ``scoring``; keys the body already holds keep their place, so tables keep their column order.
+    A record lacking one of the keys in ``needs`` (a score asked for after the run finished) is
+    rescored like one of an older rule. The record gets ``wall_s`` (the body's time, or the earlier
+    training's when rescored) and ``scoring``; keys the body already holds keep their place, so
+    tables keep their column order.
     """
     from kts.metrics import SCORING
 
     run_dir = Path(run_dir)
     done = run_dir / RECORD_FILE
     previous = json.loads(done.read_text()) if done.exists() else None
-    if previous is not None and previous.get("scoring") == SCORING:
+    if previous is not None and previous.get("scoring") == SCORING and all(key in previous for key in needs):
         return previous
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()

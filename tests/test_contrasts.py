@@ -61,3 +61,12 @@ def test_example_slices_one_per_weighting():
     shown, masks, names = contrasts.example_slices(ds)
     assert names == list(WEIGHTINGS) and [int(a[0, 0]) for a in shown] == [0, 2, 4]
     assert [bool(m[0, 0]) for m in masks] == [False, False, False]
+
+
+def test_table_with_the_hard_difficulty_columns(tmp_path):
+    table = pd.DataFrame([{"held_out": "t1_pre", "intensity": "synth", "trained_on": ["t1_post", "t2"], "n_test_seen": 4,
+                           "test_seen_dice": 0.9, "n_test_unseen": 10, "test_unseen_dice": 0.8, "dice_gap": 0.1,
+                           "n_test_hard": 20, "test_hard_dice": 0.6, "hard_gap": 0.3}])
+    text = contrasts.write_table(table, tmp_path)
+    assert "kidney Dice, hard" in text.splitlines()[0]
+    assert "| t1_pre | synth | t1_post, t2 | 4 | 0.900 | 10 | 0.800 | +0.100 | 20 | 0.600 | +0.300 |" in text

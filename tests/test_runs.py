@@ -28,6 +28,16 @@ def test_a_record_under_an_older_scoring_rule_is_rescored_keeping_the_training_t
     assert again == {"dice": 0.7, "scoring": metrics.SCORING, "wall_s": 321.0}
 
 
+def test_a_record_lacking_a_needed_score_is_rescored(tmp_path):
+    """Notebook 07 asks for the hard-difficulty score of runs that finished without it."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / runs.RECORD_FILE).write_text(json.dumps({"dice": 0.5, "wall_s": 321.0,
+                                                               "scoring": metrics.SCORING}))
+    assert runs.resumable(tmp_path / "a", lambda folder: {"dice": 0.7})["dice"] == 0.5
+    again = runs.resumable(tmp_path / "a", lambda folder: {"dice": 0.7, "hard_dice": 0.6}, needs=("hard_dice",))
+    assert again == {"dice": 0.7, "hard_dice": 0.6, "scoring": metrics.SCORING, "wall_s": 321.0}
+
+
 def test_a_failed_run_leaves_no_record(tmp_path):
     def body(folder):
         raise RuntimeError("out of memory")
