@@ -83,8 +83,9 @@ class Profile:
     # Mask R-CNN (section III.B): the name of its kts.maskrcnn.MaskRCNNConfig, and its steps
     maskrcnn_profile: str
     maskrcnn_steps: int
-    # Table I split study
+    # Table I split study: seeds per partition, and the partitions (the quick profile runs two of the four)
     seeds: int
+    table1_partitions: tuple[str, ...] = ("TD-70% VD-6%", "TD-75% VD-8%", "TD-65% VD-15%", "TD-60% VD-20%")
     # unseen MR contrasts (notebook 07): the weightings left out, one CU-Net each
     contrasts_left_out: tuple[str, ...] = ("t1_post", "t2", "t1_pre")
 
@@ -103,7 +104,8 @@ PROFILES: dict[str, Profile] = {
     "quick": Profile(
         name="quick", n_cases=30, slices_per_case=1, difficulty="paper", image_size=128, cunet_base_filters=8,
         cunet_training=TrainConfig(epochs=15, batch_size=4, early_stopping_patience=5, reduce_lr_patience=3),
-        maskrcnn_profile="quick", maskrcnn_steps=150, seeds=1, contrasts_left_out=("t1_pre",),
+        maskrcnn_profile="quick", maskrcnn_steps=150, seeds=1, table1_partitions=("TD-70% VD-6%", "TD-60% VD-20%"),
+        contrasts_left_out=("t1_pre",),
     ),
 }
 

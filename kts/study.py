@@ -96,12 +96,12 @@ def _scores_by_label(result) -> np.ndarray:
 
 def run_study(dataset, profile: Profile, seeds: Iterable[int], work_dir: str | os.PathLike,
               results_dir: str | os.PathLike, partitions: Iterable[str] | None = None, progress: bool = True):
-    """Every partition x seed (resumable; runs in :func:`kts.workflow.run_folder` of ``work_dir``);
-    returns the per-run table (one row per partition-seed)."""
+    """Every partition (default: the profile's ``table1_partitions``) x seed (resumable; runs in
+    :func:`kts.workflow.run_folder` of ``work_dir``); returns the per-run table (one row per partition-seed)."""
     from kts.metrics import format_metric
     from kts.runs import run_all
 
-    partitions = list(partitions or PAPER_TABLE1)
+    partitions = list(partitions or profile.table1_partitions)
     seeds = list(seeds)
     if not seeds:
         raise ValueError("seeds must hold at least one seed")

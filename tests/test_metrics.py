@@ -308,3 +308,11 @@ def test_study_rescores_a_record_scored_under_an_older_rule(tmp_path, monkeypatc
     current = {"iou": 0.9, "scoring": metrics.SCORING}
     (run_dir / "metrics.json").write_text(json.dumps(current))
     assert study.run_one(None, "TD-70% VD-6%", 0, None, tmp_path, tmp_path / "predictions") == current
+
+
+def test_each_profile_runs_table1_partitions_the_paper_reports():
+    from kts import config, study
+
+    assert config.get_profile("paper").table1_partitions == tuple(study.PAPER_TABLE1)
+    quick = config.get_profile("quick").table1_partitions
+    assert set(quick) < set(study.PAPER_TABLE1) and "TD-70% VD-6%" in quick  # the partition notebooks 02-04 share
