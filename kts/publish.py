@@ -158,11 +158,15 @@ def summary(notebook) -> dict:
 
 
 def publish(runs: str | os.PathLike, dest: str | os.PathLike, profile: str = "paper",
-            forbidden: Iterable[str] = (), provenance: dict | None = None) -> list[Path]:
+            forbidden: Iterable[str] = (), provenance: dict | None = None,
+            only: Iterable[str] | None = None) -> list[Path]:
     """Publish every numbered notebook's executed copy in ``runs`` into ``dest`` (plus a README index).
 
-    Every copy is checked before any is written: a missing notebook, one run under another profile or
-    seed, or any refusal of :func:`publish_notebook` leaves ``dest`` as it was.
+    ``only`` (notebook prefixes, e.g. ``["07"]``) republishes those and keeps every other copy already
+    in ``dest`` as it is, with the commit of the run that executed it (``metadata.kts``; the index
+    gives each notebook's commit when they differ). Every copy is checked before any is written: a
+    missing notebook, one run under another profile or seed, or any refusal of
+    :func:`publish_notebook` leaves ``dest`` as it was.
     """
     import nbformat
 
@@ -171,16 +175,26 @@ def publish(runs: str | os.PathLike, dest: str | os.PathLike, profile: str = "pa
 
     runs, dest = Path(runs), Path(dest)
     paths, names, forbidden = machine_paths(), figure_functions(), list(forbidden)
-    published, rows, parameters = {}, [], None
+    provenance = provenance or {}
+    only = None if only is None else list(only)
+    kept_commit = _indexed_commit(dest)
+    published, rows, parameters, fresh = {}, [], None, []
     for source in pipeline.list_notebooks():
-        executed = runs / source.name
+        republish = only is None or any(source.name.startswith(prefix) for prefix in only)
+        executed = (runs if republish else dest) / source.name
         if not executed.is_file():
-            raise ValueError(f"{executed}: no executed copy; run `kts run --profile {profile}` first")
+            raise ValueError(f"{executed}: no executed copy; run `kts run --profile {profile}` first" if republish
+                             else f"{executed}: no published copy to keep; publish every notebook (no --only)")
         try:
             notebook = nbformat.read(executed, as_version=4)
         except Exception as exc:  # nbformat raises several types for a damaged file
             raise ValueError(f"{executed}: not a readable notebook ({exc})") from None
         copy = publish_notebook(notebook, source.name, paths, forbidden, names)
+        if republish:
+            copy.metadata["kts"] = {key: provenance[key] for key in ("git_commit", "note") if provenance.get(key)}
+            fresh.append(source.name)
+        elif not copy.metadata.get("kts", {}).get("git_commit") and kept_commit:
+            copy.metadata["kts"] = {"git_commit": kept_commit}  # a copy published before metadata.kts existed
         params = dict(copy.metadata["papermill"]["parameters"])
         if params.get("PROFILE") != profile:
             raise ValueError(f"{executed}: executed with PROFILE={params.get('PROFILE')!r}, not {profile!r}")
@@ -189,37 +203,61 @@ def publish(runs: str | os.PathLike, dest: str | os.PathLike, profile: str = "pa
                              f"{parameters.get('SEED')}")
         parameters = {**(parameters or {}), **params}
         published[source.name] = copy
-        rows.append((source.name, summary(copy)))
+        rows.append((source.name, {**summary(copy), **copy.metadata.get("kts", {})}))
     dest.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, copy in published.items():
+    for name in fresh:
         with kts_io.atomic_path(dest / name) as tmp:
-            nbformat.write(copy, tmp)
+            nbformat.write(published[name], tmp)
         written.append(dest / name)
-    kts_io.write_text(dest / "README.md", index_markdown(rows, profile, parameters or {}, provenance or {}))
+    for name, copy in published.items():  # kept copies gain metadata.kts once; otherwise untouched
+        if name not in fresh and nbformat.writes(copy) != (dest / name).read_text():
+            with kts_io.atomic_path(dest / name) as tmp:
+                nbformat.write(copy, tmp)
+    kts_io.write_text(dest / "README.md", index_markdown(rows, profile, parameters or {}, provenance))
     return written
 
 
+def _indexed_commit(dest: Path) -> str | None:
+    """The commit an existing index names for its whole run (indexes written before per-notebook commits)."""
+    index = dest / "README.md"
+    found = re.search(r"commit `([0-9a-f]{7,40})`", index.read_text()) if index.is_file() else None
+    return found.group(1) if found else None
+
+
 def index_markdown(rows: list[tuple[str, dict]], profile: str, parameters: dict, provenance: dict) -> str:
-    commit = provenance.get("git_commit") or "unknown"
     total = sum(r["duration_s"] for _, r in rows)
+    commits = {r.get("git_commit") or provenance.get("git_commit") or "unknown" for _, r in rows}
+    one_run = len(commits) == 1
+    where = f"commit `{next(iter(commits))}`" if one_run else "the commit of each notebook's run in the table"
     passed = ", ".join(f"`{k}={v}`" for k, v in sorted(parameters.items()) if k not in ("PROFILE", "SEED"))
+    notes: list[tuple[str, dict]] = []  # each run's note once, with a row of that run
+    for _, row in rows:
+        note = row.get("note") or (provenance.get("note") if one_run else None)
+        if note and note not in (n for n, _ in notes):
+            notes.append((note, row))
     lines = ["# Executed notebooks",
              "",
              f"Every notebook as `kts run --profile {profile}` executed it (seed {parameters.get('SEED', 0)}, "
-             f"commit `{commit}`, {total / 60:.0f} min of notebook time on "
+             f"{where}, {total / 60:.0f} min of notebook time on "
              f"{provenance.get('cpu_count', '?')} CPU cores), published by `kts publish`: open one to see its "
              "figures, tables and numbers without running anything. The numbered notebooks in "
              "`notebooks/` are the same, without outputs; run those.",
              "",
              *([f"Parameters beyond the profile's: {passed} (see each notebook's parameters cell).", ""]
                if passed else []),
-             *([f"This run: {provenance['note']}.", ""] if provenance.get("note") else []),
-             "| notebook | figures | tables | run time |",
-             "|---|---:|---:|---:|"]
+             *[f"This run: {note}." if one_run else f"Run `{_short(row)}`: {note}." for note, row in notes],
+             *([""] if notes else []),
+             "| notebook | figures | tables | run time |" + ("" if one_run else " commit |"),
+             "|---|---:|---:|---:|" + ("" if one_run else "---|")]
     for name, row in rows:
-        lines.append(f"| [{name}]({name}) | {row['figures']} | {row['tables']} | {row['duration_s'] / 60:.1f} min |")
+        lines.append(f"| [{name}]({name}) | {row['figures']} | {row['tables']} | {row['duration_s'] / 60:.1f} min |"
+                     + ("" if one_run else f" `{_short(row)}` |"))
     return "\n".join(lines) + "\n"
+
+
+def _short(row: dict) -> str:
+    return str(row.get("git_commit") or "unknown")[:10]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -235,12 +273,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", default=None, help="the run's results folder, for its provenance")
     parser.add_argument("--forbid", action="append", default=[], help="a string no output may contain "
                         "(a patient identifier of real data); repeatable")
+    parser.add_argument("--only", nargs="+", default=None, help="notebook prefixes to republish (e.g. 07); "
+                        "the other published copies are kept with their run's commit")
     args = parser.parse_args(argv)
     root = config.project_root()
     runs = Path(args.runs) if args.runs else root / "runs" / args.profile
     dest = Path(args.dest) if args.dest else root / "docs" / "executed"
     metrics = Path(args.results or config.results_dir(args.profile)) / "metrics.json"
     provenance = json.loads(metrics.read_text()).get("provenance", {}) if metrics.is_file() else {}
-    written = publish(runs, dest, args.profile, args.forbid, provenance)
+    written = publish(runs, dest, args.profile, args.forbid, provenance, only=args.only)
     print(f"{len(written)} executed notebooks published in {dest} (index: {dest / 'README.md'})")
     return 0

@@ -122,3 +122,29 @@ def test_the_committed_executed_notebooks_show_every_figure_and_table():
         assert all(publish.pngs(c) for c in figure_cells), path
         assert f"[{source.name}]({source.name})" in index
     assert "kts publish" in index
+
+
+def test_publish_only_some_keeps_the_other_copies_with_their_runs_commit(runs, tmp_path):
+    """``kts publish --only 07``: one notebook re-executed, the others stay as the earlier run left them."""
+    dest = tmp_path / "docs"
+    names = [p.name for p in pipeline.list_notebooks()]
+    publish.publish(runs, dest, provenance={"git_commit": "a" * 40, "cpu_count": 2, "note": "the first run"})
+    before = {n: (dest / n).read_text() for n in names}
+    (runs / names[0]).unlink()  # not needed: only the last notebook is republished
+    written = publish.publish(runs, dest, provenance={"git_commit": "b" * 40, "cpu_count": 2, "note": "the second"},
+                              only=[names[-1][:2]])
+    assert written == [dest / names[-1]]
+    assert all((dest / n).read_text() == before[n] for n in names[:-1])
+    assert nbformat.read(dest / names[-1], as_version=4).metadata["kts"]["git_commit"] == "b" * 40
+    index = (dest / "README.md").read_text()
+    assert "the commit of each notebook's run" in index and "Run `aaaaaaaaaa`: the first run." in index
+    assert f"| [{names[0]}]({names[0]}) | 1 | 0 | 1.0 min | `aaaaaaaaaa` |" in index
+    assert f"| [{names[-1]}]({names[-1]}) | 1 | 0 | 1.0 min | `bbbbbbbbbb` |" in index
+    with pytest.raises(ValueError, match="no published copy to keep"):
+        publish.publish(runs, tmp_path / "elsewhere", only=[names[-1][:2]])
+
+
+def test_an_index_of_one_run_names_its_commit_once():
+    rows = [("01.ipynb", {"figures": 1, "tables": 0, "duration_s": 60.0, "git_commit": "c" * 40})]
+    text = publish.index_markdown(rows, "paper", {"SEED": 0}, {"cpu_count": 2, "note": "n"})
+    assert f"commit `{'c' * 40}`" in text and "This run: n." in text and "| commit |" not in text
