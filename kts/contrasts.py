@@ -5,9 +5,10 @@ scanners, the intensity of the input images varies"); the paper does not measure
 one MR weighting is left out: the CU-Net trains on cases of the other weightings (split
 70/10/20 by case, as ``kts.data.split``) and is scored on the test cases of the weightings
 it saw and on every case of the one it did not see. The gap between the two is the answer.
-A second unseen condition (issue 16) is a harder acquisition of the weightings it saw: the
-same phantom at ``"hard"`` difficulty (lower SNR and tissue contrast, a stronger bias field,
-more pose variation), all of whose cases are new anatomy to the model.
+A second unseen condition (issue 16) is a harder acquisition of the weightings it saw: a phantom
+at ``"hard"`` difficulty (lower SNR and tissue contrast, a stronger bias field, more pose
+variation) drawn with its own seed (``HARD_SEED_OFFSET + seed``), so that every case is new
+anatomy to the model (the phantom's anatomy depends on the seed and case, not on the difficulty).
 Like the split study, a finished run leaves ``metrics.json`` behind and is not retrained.
 """
 from __future__ import annotations
@@ -20,6 +21,9 @@ from kts import io as kts_io
 from kts.config import Profile
 
 SEEN_SPLIT = (0.70, 0.10)  # train, validation fractions of the seen-contrast cases; the rest is their test set
+# the hard-difficulty phantom's seed is this + the study's seed: never a study seed (0, 1, 2, ...) nor
+# pretraining's corpus (1000) or held-out (1001) seed
+HARD_SEED_OFFSET = 2000
 
 
 def parse_list(text: str, default: Iterable[str]) -> list[str]:
@@ -60,7 +64,7 @@ def run_one(dataset, held_out: str, seed: int, profile: Profile, work_dir: str |
     ``intensity``: ``"none"`` is the paper's recipe; ``"random_lut"`` adds random intensity
     curves to training (``kts.train.random_lut``), the usual remedy for unseen contrasts;
     ``"synth"`` re-synthesises training images from the phantom's tissue label maps (``kts.synth``).
-    ``hard``: the same phantom at hard difficulty (:func:`hard_dataset`); the model is then
+    ``hard``: a phantom at hard difficulty (:func:`hard_dataset`); the model is then
     also scored on its cases of the weightings it trained on (``test_hard_*``, ``hard_gap``).
     """
     from kts.runs import resumable
@@ -71,12 +75,16 @@ def run_one(dataset, held_out: str, seed: int, profile: Profile, work_dir: str |
 
 
 def hard_dataset(profile: Profile, seed: int = 0):
-    """The profile's phantom at ``"hard"`` difficulty (same seed, size and case count), extracted and cached."""
+    """The profile's phantom at ``"hard"`` difficulty (size and case count as the profile's, phantom seed
+    ``HARD_SEED_OFFSET + seed``: other anatomy than the study's), extracted and cached."""
     import dataclasses
 
-    from kts import workflow
+    from kts import config, workflow
 
-    return workflow.prepare_dataset(dataclasses.replace(profile, difficulty="hard"), seed=seed)[0]
+    if os.environ.get(config.SOURCE_ENV):
+        raise ValueError(f"the hard-difficulty condition is drawn from the phantom, but ${config.SOURCE_ENV} "
+                         "points kts at other data; unset it, or leave the hard condition out (hard=None)")
+    return workflow.prepare_dataset(dataclasses.replace(profile, difficulty="hard"), seed=HARD_SEED_OFFSET + seed)[0]
 
 
 def _score(model, test) -> dict:
@@ -146,6 +154,9 @@ def to_markdown(table) -> str:
     def gap(value):
         return "n/a" if format_metric(value) == "n/a" else f"{value:+.3f}"
 
+    def count(value):  # NaN where a run was scored without the hard condition
+        return "n/a" if value != value else str(int(value))
+
     hard = "test_hard_dice" in table.columns
     header = ("left out", "intensity augmentation", "trained on", "seen-contrast test cases", "kidney Dice, seen",
               "unseen-contrast cases", "kidney Dice, unseen", "gap")
@@ -157,7 +168,7 @@ def to_markdown(table) -> str:
                  format_metric(row["test_seen_dice"]), str(row["n_test_unseen"]),
                  format_metric(row["test_unseen_dice"]), gap(row["dice_gap"]))
         if hard:
-            cells += (str(int(row["n_test_hard"])), format_metric(row["test_hard_dice"]), gap(row["hard_gap"]))
+            cells += (count(row["n_test_hard"]), format_metric(row["test_hard_dice"]), gap(row["hard_gap"]))
         rows.append(cells)
     return kts_io.markdown_table(rows, header)
 

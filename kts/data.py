@@ -290,7 +290,7 @@ def build_dataset(source_root: str | os.PathLike, cache_path: str | os.PathLike 
         volume, metas = read_series(case / "dicom", case_id=case.name, require_modality=require_modality,
                                     allow_gaps=allow_gaps)
         kidney, tumor = read_png_masks(case / "masks", metas, allow_empty=allow_empty,
-                                        tumor_outside_kidney=tumor_outside_kidney)
+                                       tumor_outside_kidney=tumor_outside_kidney)
         for i, meta in enumerate(metas):
             image = resize_image(normalise(volume[i], low, high), size)
             k = resize_mask(kidney[i], size)

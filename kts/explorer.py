@@ -33,7 +33,7 @@ IOU_MATCH = 0.5  # an instance is found when it overlaps a true tumour with IoU 
 
 # Colours (RGBA). Overlays: ground truth as outlines, predictions as fills.
 GT_KIDNEY_COLOR = "lime"
-GT_TUMOUR_COLOR = "red"
+GT_TUMOR_COLOR = "red"
 CUNET_COLOR = (0.2, 0.4, 1.0, 0.35)
 MASKRCNN_COLOR = (1.0, 0.6, 0.0, 0.6)
 CROP_COLOR = "yellow"
@@ -202,7 +202,7 @@ def _legend_handles(layers: dict[str, bool], mode: str) -> list:
     handles = []
     if layers["ground_truth"] and mode == "predictions":
         handles += [Line2D([], [], color=GT_KIDNEY_COLOR, lw=1.5, label="true kidney"),
-                    Line2D([], [], color=GT_TUMOUR_COLOR, lw=1.5, label="true tumour")]
+                    Line2D([], [], color=GT_TUMOR_COLOR, lw=1.5, label="true tumour")]
     if mode == "predictions":
         if layers["cunet"]:
             handles.append(Patch(color=CUNET_COLOR, label="CU-Net kidney"))
@@ -247,7 +247,7 @@ def draw_slice(ax, image, kidney_gt, tumor_gt, kidney_pred, tumor_pred, *, layer
                 ax.contour((kidney_gt > 0).astype(np.float32), levels=[0.5], colors=GT_KIDNEY_COLOR, linewidths=1.0)
             for label in np.unique(tumor_gt):
                 if label:
-                    ax.contour((tumor_gt == label).astype(np.float32), levels=[0.5], colors=GT_TUMOUR_COLOR,
+                    ax.contour((tumor_gt == label).astype(np.float32), levels=[0.5], colors=GT_TUMOR_COLOR,
                                linewidths=1.0)
     else:
         for organ, on, pred, gt in (("kidney", layers["cunet"], kidney_pred, kidney_gt),
@@ -292,7 +292,7 @@ def scores_html(scores: dict, *, case: str = "", threshold: float | None = None,
                 score_threshold: float | None = None, layers=None) -> str:
     """The scores beside the picture, as HTML: the case, then the scores of the switched-on predictions.
 
-    Each score sits in an element of class ``kts-<name>`` (``kts-kidney-iou``, ``kts-tumour-dice``, ...)."""
+    Each score sits in an element of class ``kts-<name>`` (``kts-kidney-iou``, ``kts-tumor-dice``, ...)."""
     layers = _layers(layers)
 
     def section(head):
@@ -316,8 +316,8 @@ def scores_html(scores: dict, *, case: str = "", threshold: float | None = None,
     if layers["maskrcnn"]:
         head = "Mask R-CNN tumours" + (f" (score &ge; {score_threshold:.2f})" if score_threshold is not None else "")
         parts.append(section(head))
-        parts.append(row("tumour-dice", "tumour Dice", metrics.format_metric(scores["tumor_dice"])))
-        parts.append(row("tumour-iou", "tumour IoU", metrics.format_metric(scores["tumor_iou"])))
+        parts.append(row("tumor-dice", "tumour Dice", metrics.format_metric(scores["tumor_dice"])))
+        parts.append(row("tumor-iou", "tumour IoU", metrics.format_metric(scores["tumor_iou"])))
         parts.append(row("tumours-found", "true tumours found",
                          f"{scores['instance_tp']} of {scores['n_gt']}"))
         parts.append(row("false-alarms", "false alarms", str(scores["instance_fp"])))

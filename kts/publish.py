@@ -7,6 +7,8 @@ timestamps and file paths are dropped so that a re-run changes only what changed
 error output, a traceback, a figure cell without its PNG, a path left over, a forbidden string (a
 patient identifier) or an outsized file is refused, naming the notebook and cell, and nothing is
 written. ``docs/executed/README.md`` indexes the copies with the run's profile, seed and commit.
+``kts publish --only 07`` republishes some notebooks and keeps the other copies, each with the commit
+of the run that executed it, provided their code is still the notebooks' code.
 """
 from __future__ import annotations
 
@@ -177,9 +179,14 @@ def publish(runs: str | os.PathLike, dest: str | os.PathLike, profile: str = "pa
     paths, names, forbidden = machine_paths(), figure_functions(), list(forbidden)
     provenance = provenance or {}
     only = None if only is None else list(only)
+    sources = pipeline.list_notebooks()
+    unmatched = [prefix for prefix in only or () if not any(s.name.startswith(prefix) for s in sources)]
+    if unmatched:
+        raise ValueError(f"--only {' '.join(unmatched)}: no notebook starts with that; "
+                         f"the notebooks are {', '.join(s.name for s in sources)}")
     kept_commit = _indexed_commit(dest)
     published, rows, parameters, fresh = {}, [], None, []
-    for source in pipeline.list_notebooks():
+    for source in sources:
         republish = only is None or any(source.name.startswith(prefix) for prefix in only)
         executed = (runs if republish else dest) / source.name
         if not executed.is_file():
@@ -193,8 +200,12 @@ def publish(runs: str | os.PathLike, dest: str | os.PathLike, profile: str = "pa
         if republish:
             copy.metadata["kts"] = {key: provenance[key] for key in ("git_commit", "note") if provenance.get(key)}
             fresh.append(source.name)
-        elif not copy.metadata.get("kts", {}).get("git_commit") and kept_commit:
-            copy.metadata["kts"] = {"git_commit": kept_commit}  # a copy published before metadata.kts existed
+        else:
+            if code_cells(copy) != code_cells(nbformat.read(source, as_version=4)):
+                raise ValueError(f"{executed}: out of date with {source.name} (other code); re-run it and "
+                                 "include it in --only")
+            if not copy.metadata.get("kts", {}).get("git_commit"):  # published before metadata.kts existed
+                copy.metadata["kts"] = {"git_commit": kept_commit or "unknown"}
         params = dict(copy.metadata["papermill"]["parameters"])
         if params.get("PROFILE") != profile:
             raise ValueError(f"{executed}: executed with PROFILE={params.get('PROFILE')!r}, not {profile!r}")
@@ -218,6 +229,12 @@ def publish(runs: str | os.PathLike, dest: str | os.PathLike, profile: str = "pa
     return written
 
 
+def code_cells(notebook) -> list[str]:
+    """The code a notebook runs: its code cells' sources, papermill's injected parameters cell aside."""
+    return [cell.source for cell in notebook.cells
+            if cell.cell_type == "code" and "injected-parameters" not in cell.metadata.get("tags", [])]
+
+
 def _indexed_commit(dest: Path) -> str | None:
     """The commit an existing index names for its whole run (indexes written before per-notebook commits)."""
     index = dest / "README.md"
@@ -227,7 +244,7 @@ def _indexed_commit(dest: Path) -> str | None:
 
 def index_markdown(rows: list[tuple[str, dict]], profile: str, parameters: dict, provenance: dict) -> str:
     total = sum(r["duration_s"] for _, r in rows)
-    commits = {r.get("git_commit") or provenance.get("git_commit") or "unknown" for _, r in rows}
+    commits = {r.get("git_commit") or provenance.get("git_commit") or "unknown" for _, r in rows}  # fresh rows
     one_run = len(commits) == 1
     where = f"commit `{next(iter(commits))}`" if one_run else "the commit of each notebook's run in the table"
     passed = ", ".join(f"`{k}={v}`" for k, v in sorted(parameters.items()) if k not in ("PROFILE", "SEED"))

@@ -184,6 +184,8 @@ def _check_resumable(out: Path, settings: dict) -> None:
         raise ValueError(f"{out}: holds a training (state.json) but no {REFERENCE_FILE}, so it is not a dense "
                          "tumour reference; use another out_dir, or resume=False to train afresh there")
     saved = _read_reference(path)
+    if "train_tumour_fraction" in saved:  # written before identifiers were spelled "tumor" (2026-12-07)
+        saved["train_tumor_fraction"] = saved.pop("train_tumour_fraction")
     differ = [k for k, v in settings.items() if saved.get(k) != v]
     if differ:
         shown = ", ".join(f"{k}: {saved.get(k)!r} there, {settings[k]!r} now" for k in differ if k != "data_sha256")

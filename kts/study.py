@@ -44,9 +44,10 @@ def run_one(dataset, partition: str, seed: int, profile: Profile, work_dir: str 
     from kts import workflow
     from kts.runs import resumable
 
+    # needs=REPORTED: a record written before a reported key was renamed (tumour_* -> tumor_*) is rescored
     return resumable(workflow.run_folder(work_dir, partition, seed),
                      lambda run_dir: _train_and_score(dataset, partition, seed, profile, run_dir,
-                                                      Path(predictions_dir), progress))
+                                                      Path(predictions_dir), progress), needs=REPORTED)
 
 
 def _train_and_score(dataset, partition: str, seed: int, profile: Profile, run_dir: Path, predictions_dir: Path,
@@ -57,7 +58,7 @@ def _train_and_score(dataset, partition: str, seed: int, profile: Profile, run_d
     data.save_splits(run_dir / "splits.json", {run_dir.name: splits})
     kidney = workflow.train_kidney_stage(dataset, splits, profile, run_dir / "cunet", seed=seed, progress=progress)
     tumor_model, _ = workflow.train_tumor_stage(dataset, splits, profile, run_dir / "maskrcnn", seed=seed,
-                                                  progress=progress, validate=False)
+                                                progress=progress, validate=False)
     test = dataset.subset(splits["test"])
     probabilities, result = workflow.run_cascade(kidney.model, tumor_model, test.images)
     everything = cascade.run_cascade(test.images, probabilities, tumor_model, score_threshold=0.0)

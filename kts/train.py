@@ -178,8 +178,8 @@ def set_output_prior(model, masks, layer: str = "I_out") -> float:
 class ForegroundIoU(keras.metrics.Metric):
     """Foreground IoU, TP / (TP + FP + FN) of ``y_pred >= threshold``, for Table I's IoU column.
 
-    The value of ``keras.metrics.BinaryIoU(target_class_ids=[1])`` bit for bit (the same integer
-    counts and the same float32 arithmetic; a test compares them), from three integer sums per
+    The value of ``keras.metrics.BinaryIoU(target_class_ids=[1])`` for 0/1 masks, bit for bit (the
+    same int64 counts and the same float32 arithmetic; a test compares them), from three integer sums per
     batch instead of a confusion matrix, which Keras fills with a scatter that op determinism
     makes about 14x slower (issue 15: the metrics were 11 % of a paper-profile training step).
     """
@@ -187,16 +187,16 @@ class ForegroundIoU(keras.metrics.Metric):
     def __init__(self, threshold: float = 0.5, name: str = "iou", dtype=None):
         super().__init__(name=name, dtype=dtype or "float32")
         self.threshold = threshold
-        self.true_positives = self.add_variable(shape=(), initializer="zeros", dtype="int32", name="true_positives")
-        self.predicted = self.add_variable(shape=(), initializer="zeros", dtype="int32", name="predicted")
-        self.actual = self.add_variable(shape=(), initializer="zeros", dtype="int32", name="actual")
+        self.true_positives = self.add_variable(shape=(), initializer="zeros", dtype="int64", name="true_positives")
+        self.predicted = self.add_variable(shape=(), initializer="zeros", dtype="int64", name="predicted")
+        self.actual = self.add_variable(shape=(), initializer="zeros", dtype="int64", name="actual")
 
     def update_state(self, y_true, y_pred, sample_weight=None):
         if sample_weight is not None:
             raise ValueError("ForegroundIoU does not take sample weights")
         ops = keras.ops
-        actual = ops.cast(ops.convert_to_tensor(y_true), "int32")
-        predicted = ops.cast(ops.convert_to_tensor(y_pred, dtype="float32") >= self.threshold, "int32")
+        actual = ops.cast(ops.convert_to_tensor(y_true), "int64")
+        predicted = ops.cast(ops.convert_to_tensor(y_pred, dtype="float32") >= self.threshold, "int64")
         self.true_positives.assign(self.true_positives + ops.sum(actual * predicted))
         self.predicted.assign(self.predicted + ops.sum(predicted))
         self.actual.assign(self.actual + ops.sum(actual))

@@ -85,7 +85,7 @@ def train_kidney_stage(dataset, splits: dict, profile: Profile, out_dir: str | o
 
 
 def tumor_crops(dataset, case_ids, crop_size: int, copies: int = 1, jitter: int = 0, seed: int = 0,
-                 return_sources: bool = False):
+                return_sources: bool = False):
     """Kidney crops from the ground-truth kidney masks and their tumour instance maps (section III.B).
 
     ``copies``/``jitter`` cut each kidney several times with jittered boxes (training only,
@@ -108,8 +108,8 @@ FINE_TUNE_LR_FACTOR = 0.5  # fine-tuning takes half the pretraining's learning r
 
 
 def train_tumor_stage(dataset, splits: dict, profile: Profile, out_dir: str | os.PathLike, seed: int = 0,
-                       steps: int | None = None, resume: bool = True, progress: bool = True, validate: bool = True,
-                       init: str = "pretrained"):
+                      steps: int | None = None, resume: bool = True, progress: bool = True, validate: bool = True,
+                      init: str = "pretrained"):
     """Train (or reload) the Mask R-CNN on kidney crops of the training cases (section III.B).
 
     ``init="pretrained"`` fine-tunes the weights shipped in ``kts/weights`` (``kts.pretrain``,
@@ -135,7 +135,7 @@ def train_tumor_stage(dataset, splits: dict, profile: Profile, out_dir: str | os
             return TumorMaskRCNN.load(out_dir / "model"), info
     jitter = pretrain.BOX_JITTER[profile.maskrcnn_profile]
     train_crops, train_labels = tumor_crops(dataset, splits["train"], config.crop_size, copies=2, jitter=jitter,
-                                             seed=seed)
+                                            seed=seed)
     val_crops, val_labels = tumor_crops(dataset, splits["val"], config.crop_size)
     model = TumorMaskRCNN(config, seed=seed)
     steps = steps or profile.maskrcnn_steps
@@ -165,7 +165,7 @@ def train_tumor_stage(dataset, splits: dict, profile: Profile, out_dir: str | os
 
 
 def train_tumor_reference(dataset, splits: dict, profile: Profile, out_dir: str | os.PathLike, seed: int = 0,
-                           epochs: int | None = None, resume: bool = True):
+                          epochs: int | None = None, resume: bool = True):
     """The dense reference of issue 12 (not the paper's method): a narrow CU-Net on the same kidney crops."""
     from kts import pretrain, reference
     from kts.maskrcnn import MaskRCNNConfig

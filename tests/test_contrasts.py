@@ -70,3 +70,23 @@ def test_table_with_the_hard_difficulty_columns(tmp_path):
     text = contrasts.write_table(table, tmp_path)
     assert "kidney Dice, hard" in text.splitlines()[0]
     assert "| t1_pre | synth | t1_post, t2 | 4 | 0.900 | 10 | 0.800 | +0.100 | 20 | 0.600 | +0.300 |" in text
+
+
+def test_a_run_scored_without_the_hard_condition_reads_na_beside_one_with_it(tmp_path):
+    rows = [{"held_out": "t1_pre", "intensity": "none", "trained_on": ["t1_post", "t2"], "n_test_seen": 4,
+             "test_seen_dice": 0.9, "n_test_unseen": 10, "test_unseen_dice": 0.8, "dice_gap": 0.1},
+            {"held_out": "t1_pre", "intensity": "synth", "trained_on": ["t1_post", "t2"], "n_test_seen": 4,
+             "test_seen_dice": 0.9, "n_test_unseen": 10, "test_unseen_dice": 0.8, "dice_gap": 0.1,
+             "n_test_hard": 20, "test_hard_dice": 0.6, "hard_gap": 0.3}]
+    text = contrasts.write_table(pd.DataFrame(rows), tmp_path)
+    assert "| +0.100 | n/a | n/a | n/a |" in text and "| +0.100 | 20 | 0.600 | +0.300 |" in text
+
+
+def test_the_hard_condition_is_other_anatomy_and_refuses_other_data(monkeypatch):
+    from kts import config, pretrain
+
+    assert contrasts.HARD_SEED_OFFSET not in (pretrain.CORPUS_SEED, pretrain.HELD_OUT_SEED)
+    assert contrasts.HARD_SEED_OFFSET > 100  # above any study seed a user would pass
+    monkeypatch.setenv(config.SOURCE_ENV, "/somewhere/real-series")
+    with pytest.raises(ValueError, match="hard-difficulty condition is drawn from the phantom"):
+        contrasts.hard_dataset(config.get_profile("quick"))

@@ -117,7 +117,7 @@ def test_tumor_free_slice_with_nothing_predicted_is_na_not_one():
     sc = explorer.slice_scores(kidney, kidney, empty, empty)
     assert sc["kidney_iou"] == 1.0 and np.isnan(sc["tumor_dice"]) and np.isnan(sc["instance_f1"])
     html = explorer.scores_html(sc)
-    assert "n/a" in html and "kts-tumour-dice" in html
+    assert "n/a" in html and "kts-tumor-dice" in html
 
 
 def test_instance_rows_list_matches_with_iou_false_alarms_and_misses():
@@ -173,10 +173,10 @@ def test_unknown_layer_and_mode_are_refused(scene):
 def test_scores_html_shows_the_case_and_only_what_is_switched_on():
     sc = explorer.slice_scores(np.ones((4, 4)), np.ones((4, 4)), np.zeros((4, 4), int), np.zeros((4, 4), int))
     both = explorer.scores_html(sc, case="case-003 · T2", threshold=0.5, score_threshold=0.45)
-    assert "case-003 · T2" in both and "kts-kidney-iou" in both and "kts-tumour-dice" in both
+    assert "case-003 · T2" in both and "kts-kidney-iou" in both and "kts-tumor-dice" in both
     assert "threshold 0.50" in both and "0.45" in both
     kidney_only = explorer.scores_html(sc, layers={"cunet": True})
-    assert "kts-kidney-iou" in kidney_only and "kts-tumour-dice" not in kidney_only
+    assert "kts-kidney-iou" in kidney_only and "kts-tumor-dice" not in kidney_only
 
 
 def test_slice_label_is_what_a_student_reads():
@@ -213,7 +213,7 @@ def test_explorer_widget_updates_scores_and_caches_the_cascade(scene):
     ex.threshold.value = 0.5
     assert len(model.calls) == calls, "going back to a threshold already seen reuses its cascade"
     ex.layers["maskrcnn"].value = False
-    assert "kts-tumour-dice" not in ex.scores.value and ex.instances.value == ""
+    assert "kts-tumor-dice" not in ex.scores.value and ex.instances.value == ""
     ex.slice.value = 1
     assert "case-b" in ex.scores.value
     descriptions = [ex.slice.description, ex.threshold.description, ex.score_threshold.description,

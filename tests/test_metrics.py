@@ -305,7 +305,7 @@ def test_study_rescores_a_record_scored_under_an_older_rule(tmp_path, monkeypatc
     with pytest.raises(Rescored):
         study.run_one(type("Dataset", (), {"index": None})(), "TD-70% VD-6%", 0, None, tmp_path,
                       tmp_path / "predictions")
-    current = {"iou": 0.9, "scoring": metrics.SCORING}
+    current = {**{key: 0.5 for key in study.REPORTED}, "iou": 0.9, "scoring": metrics.SCORING}
     (run_dir / "metrics.json").write_text(json.dumps(current))
     assert study.run_one(None, "TD-70% VD-6%", 0, None, tmp_path, tmp_path / "predictions") == current
 
@@ -316,3 +316,23 @@ def test_each_profile_runs_table1_partitions_the_paper_reports():
     assert config.get_profile("paper").table1_partitions == tuple(study.PAPER_TABLE1)
     quick = config.get_profile("quick").table1_partitions
     assert set(quick) < set(study.PAPER_TABLE1) and "TD-70% VD-6%" in quick  # the partition notebooks 02-04 share
+
+
+def test_study_rescores_a_record_written_before_the_tumor_rename(tmp_path, monkeypatch):
+    """A run folder from before 'tumour_dice' became 'tumor_dice' is rescored from its models, not reused."""
+    from kts import data, study, workflow
+
+    run_dir = workflow.run_folder(tmp_path, "TD-70% VD-6%", 0)
+    run_dir.mkdir(parents=True)
+    old = {**{key.replace("tumor", "tumour"): 0.5 for key in study.REPORTED}, "scoring": metrics.SCORING}
+    (run_dir / "metrics.json").write_text(json.dumps(old))
+
+    class Rescored(Exception):
+        pass
+
+    def refuse(*args, **kwargs):
+        raise Rescored
+
+    monkeypatch.setattr(data, "split_partition", refuse)
+    with pytest.raises(Rescored):
+        study.run_one(type("Dataset", (), {"index": None})(), "TD-70% VD-6%", 0, None, tmp_path, tmp_path / "p")

@@ -124,10 +124,16 @@ def test_the_committed_executed_notebooks_show_every_figure_and_table():
     assert "kts publish" in index
 
 
-def test_publish_only_some_keeps_the_other_copies_with_their_runs_commit(runs, tmp_path):
-    """``kts publish --only 07``: one notebook re-executed, the others stay as the earlier run left them."""
-    dest = tmp_path / "docs"
+def test_publish_only_some_keeps_the_other_copies_with_their_runs_commit(runs, tmp_path, monkeypatch):
+    """``kts publish --only 07``: one notebook re-executed, the others stay as the earlier run left them,
+    as long as their code is still the notebooks' code."""
     names = [p.name for p in pipeline.list_notebooks()]
+    sources = tmp_path / "notebooks"  # stand-ins for notebooks/ whose code is the executed copies' code
+    sources.mkdir()
+    for name in names:
+        nbformat.write(_executed(name), sources / name)
+    monkeypatch.setattr(pipeline, "list_notebooks", lambda folder=None: [sources / n for n in names])
+    dest = tmp_path / "docs"
     publish.publish(runs, dest, provenance={"git_commit": "a" * 40, "cpu_count": 2, "note": "the first run"})
     before = {n: (dest / n).read_text() for n in names}
     (runs / names[0]).unlink()  # not needed: only the last notebook is republished
@@ -142,6 +148,13 @@ def test_publish_only_some_keeps_the_other_copies_with_their_runs_commit(runs, t
     assert f"| [{names[-1]}]({names[-1]}) | 1 | 0 | 1.0 min | `bbbbbbbbbb` |" in index
     with pytest.raises(ValueError, match="no published copy to keep"):
         publish.publish(runs, tmp_path / "elsewhere", only=[names[-1][:2]])
+    with pytest.raises(ValueError, match="--only 99: no notebook starts with that"):
+        publish.publish(runs, dest, only=["99"])
+    changed = nbformat.read(sources / names[1], as_version=4)
+    changed.cells[1].source = "print('changed')"
+    nbformat.write(changed, sources / names[1])
+    with pytest.raises(ValueError, match=f"{names[1]}: out of date with {names[1]}"):
+        publish.publish(runs, dest, only=[names[-1][:2]])
 
 
 def test_an_index_of_one_run_names_its_commit_once():
