@@ -237,7 +237,10 @@ def render_markdown(results: dict[str, Any]) -> str:
     add("data", "build_dataset", d.get("build_dataset_slices_per_s"), "slices/s")
     q = results.get("e2e_quick", {})
     add("e2e", "quick profile wall", q.get("wall_min"), "min", "e2e_quick_wall_min")
-    add("e2e", "quick profile peak RSS", q.get("peak_rss_gb"), "GB", "e2e_quick_peak_rss_gb")
+    # issue 15's memory goal is the largest process's peak (a kernel); the whole tree adds the runner
+    add("e2e", "quick profile peak RSS, largest process", q.get("peak_rss_largest_process_gb"), "GiB",
+        "e2e_quick_peak_rss_gb")
+    add("e2e", "quick profile peak RSS, process tree", q.get("peak_rss_gb"), "GiB")
     for notebook, seconds in (q.get("wall_s_per_notebook") or {}).items():
         add("e2e", f"quick: {notebook}", seconds, "s")
     pp = results.get("e2e_paper", {})
@@ -1206,7 +1209,7 @@ def run_benchmark(sections: Sequence[str] | None = None, quick: bool = False,
         "kts_over_torch_infer": goal("kts_over_torch_infer", t.get("kts_over_torch_infer"), **note),
         "input_pipeline_overhead_pct": goal("input_pipeline_overhead_pct", p.get("overhead_pct"), **note),
         "e2e_quick_wall_min": goal("e2e_quick_wall_min", results["e2e_quick"].get("wall_min")),
-        "e2e_quick_peak_rss_gb": goal("e2e_quick_peak_rss_gb", results["e2e_quick"].get("peak_rss_gb")),
+        "e2e_quick_peak_rss_gb": goal("e2e_quick_peak_rss_gb", results["e2e_quick"].get("peak_rss_largest_process_gb")),
         "e2e_paper_wall_min_per_seed": goal("e2e_paper_wall_min_per_seed", results["e2e_paper"].get("wall_min_per_seed")),
     }
     results["load_average_end"] = load_average()
