@@ -94,5 +94,5 @@ def test_one_study_run_is_bitwise_repeatable(two_phantoms, tmp_path):
     pred_a, pred_b = (_npz(tmp_path / n / "predictions" / "70-6-seed0.npz") for n in "ab")
     assert pred_a == pred_b
     for name in ("cunet/history.csv", "splits.json"):
-        assert (tmp_path / "a" / "work" / "70-6-seed0" / name).read_bytes() == \
-            (tmp_path / "b" / "work" / "70-6-seed0" / name).read_bytes()
+        assert (tmp_path / "a" / "work" / "study" / "70-6-seed0" / name).read_bytes() == \
+            (tmp_path / "b" / "work" / "study" / "70-6-seed0" / name).read_bytes()
