@@ -184,7 +184,6 @@ def publish(runs: str | os.PathLike, dest: str | os.PathLike, profile: str = "pa
     if unmatched:
         raise ValueError(f"--only {' '.join(unmatched)}: no notebook starts with that; "
                          f"the notebooks are {', '.join(s.name for s in sources)}")
-    kept_commit = _indexed_commit(dest)
     published, rows, parameters, fresh = {}, [], None, []
     for source in sources:
         republish = only is None or any(source.name.startswith(prefix) for prefix in only)
@@ -204,8 +203,8 @@ def publish(runs: str | os.PathLike, dest: str | os.PathLike, profile: str = "pa
             if code_cells(copy) != code_cells(nbformat.read(source, as_version=4)):
                 raise ValueError(f"{executed}: out of date with {source.name} (other code); re-run it and "
                                  "include it in --only")
-            if not copy.metadata.get("kts", {}).get("git_commit"):  # published before metadata.kts existed
-                copy.metadata["kts"] = {"git_commit": kept_commit or "unknown"}
+            if not copy.metadata.get("kts", {}).get("git_commit"):  # a copy of unknown provenance
+                copy.metadata["kts"] = {"git_commit": "unknown"}
         params = dict(copy.metadata["papermill"]["parameters"])
         if params.get("PROFILE") != profile:
             raise ValueError(f"{executed}: executed with PROFILE={params.get('PROFILE')!r}, not {profile!r}")
@@ -235,16 +234,10 @@ def code_cells(notebook) -> list[str]:
             if cell.cell_type == "code" and "injected-parameters" not in cell.metadata.get("tags", [])]
 
 
-def _indexed_commit(dest: Path) -> str | None:
-    """The commit an existing index names for its whole run (indexes written before per-notebook commits)."""
-    index = dest / "README.md"
-    found = re.search(r"commit `([0-9a-f]{7,40})`", index.read_text()) if index.is_file() else None
-    return found.group(1) if found else None
-
-
 def index_markdown(rows: list[tuple[str, dict]], profile: str, parameters: dict, provenance: dict) -> str:
     total = sum(r["duration_s"] for _, r in rows)
-    commits = {r.get("git_commit") or provenance.get("git_commit") or "unknown" for _, r in rows}  # fresh rows
+    # a row without its own commit (an index rendered on its own) takes the run's
+    commits = {r.get("git_commit") or provenance.get("git_commit") or "unknown" for _, r in rows}
     one_run = len(commits) == 1
     where = f"commit `{next(iter(commits))}`" if one_run else "the commit of each notebook's run in the table"
     passed = ", ".join(f"`{k}={v}`" for k, v in sorted(parameters.items()) if k not in ("PROFILE", "SEED"))
