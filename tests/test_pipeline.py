@@ -160,12 +160,16 @@ def test_split_study_scores_the_models_of_notebooks_02_to_04(metrics):
 def test_unseen_contrast_numbers(metrics):
     runs = metrics["notebooks"]["07_unseen_contrasts"]["runs"]
     assert [(r["held_out"], r["intensity"]) for r in runs] == [
-        (w, i) for w in config.get_profile("quick").contrasts_left_out for i in ("none", "random_lut")]
+        (w, i) for w in config.get_profile("quick").contrasts_left_out for i in ("none", "random_lut", "synth")]
     for r in runs:
         assert r["held_out"] not in r["trained_on"] and r["n_test_unseen"] == 10
         assert 0.0 <= r["test_unseen_dice"] <= 1.0 and r["dice_gap"] == pytest.approx(
             r["test_seen_dice"] - r["test_unseen_dice"])
-    assert "kidney Dice, unseen" in (RESULTS / "contrasts.md").read_text()
+        assert r["n_test_hard"] == 20 and 0.0 <= r["test_hard_dice"] <= 1.0  # the seen weightings' cases, hard
+        assert r["hard_gap"] == pytest.approx(r["test_seen_dice"] - r["test_hard_dice"])
+    text = (RESULTS / "contrasts.md").read_text()
+    assert "kidney Dice, unseen" in text and "kidney Dice, hard" in text
+    assert (RESULTS / "contrasts_hard_difficulty.png").exists()
 
 
 def test_a_parameter_no_notebook_declares_is_refused_before_anything_runs(tmp_path):
