@@ -526,11 +526,12 @@ def task_maskrcnn(profiles: Sequence[str], steps: int, n_crops: int, warmup: int
     ``TumorMaskRCNN.fit``'s timing, inference ms per crop and the first predict call."""
     import numpy as np
 
-    from kts.maskrcnn import MaskRCNNConfig, TumorMaskRCNN
+    from kts.config import get_profile
+    from kts.maskrcnn import TumorMaskRCNN
 
     out = {}
     for name in profiles:
-        config = MaskRCNNConfig.from_profile(name)
+        config = get_profile(name).maskrcnn
         s = config.crop_size
         rng = np.random.default_rng(0)
         yy, xx = np.mgrid[:s, :s]

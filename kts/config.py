@@ -1,8 +1,11 @@
 """Run profiles, folders and the printed configuration every notebook starts with.
 
 Two speeds (README, "Two profiles"): ``paper`` holds the paper's settings (section IV:
-320x320 inputs, the full training recipe with early stopping, a ResNet-18 Mask R-CNN);
+320x320 inputs, the full training recipe with early stopping, a MobileNetV2 FPN Mask R-CNN,
+errata E29);
 ``quick`` is a small profile for CI and classrooms that still runs every code path.
+Each :class:`Profile` holds its CU-Net recipe (:class:`TrainConfig`) and its Mask R-CNN
+(:class:`MaskRCNNConfig`); everything else reads them from there.
 A notebook's ``parameters`` cell takes ``PROFILE = kts.config.default_profile()``, which
 reads the ``KTS_PROFILE`` environment variable (nbval injects no parameters) and falls back
 to ``"paper"``.
@@ -67,6 +70,138 @@ class TrainConfig:
             raise ValueError(f"reduce_lr_factor must be in (0, 1), got {self.reduce_lr_factor!r}")
 
 
+# the choices of MaskRCNNConfig (kts.maskrcnn builds the model from it)
+FLIP_MODES = ("double", "dihedral", "random", "none")
+OPTIMIZERS = ("adam", "sgd")
+LR_SCHEDULES = ("constant", "cosine")
+BACKBONES = ("resnet18", "mobilenetv2")
+MASK_PASTES = ("exact", "v1")
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskRCNNConfig:
+    """Size of the Mask R-CNN (section III.B) and of its training recipe (section IV).
+
+    Each :class:`Profile` holds one (``get_profile("paper").maskrcnn``); the field defaults
+    are Model Garden's where it has one. Sizes in pixels of the kidney crop.
+    ``flip``: ``"double"`` adds a horizontally flipped copy of every training crop (the
+    paper's "2x" augmentation, section IV), ``"random"`` flips each sample with p=0.5
+    (Model Garden's ``aug_rand_hflip``), ``"none"`` trains on the crops as given,
+    ``"dihedral"`` (not in the paper) adds all 8 quarter-turn/flip copies of every crop.
+    ``optimizer`` (``"adam"`` or ``"sgd"`` with momentum 0.9) and ``lr_schedule``
+    (``"constant"`` or ``"cosine"`` decay to 0 over the training steps, both after a linear
+    ``warmup_steps`` ramp) choose the recipe; ``rpn_*``, ``roi_foreground_fraction`` and
+    ``mask_loss_weight`` are passed to Model Garden (their defaults are Model Garden's).
+    """
+
+    name: str = "custom"
+    backbone: str = "resnet18"
+    mobilenet_width: float = 0.5
+    crop_size: int = 128
+    batch_size: int = 2
+    min_level: int = 2
+    max_level: int = 5
+    anchor_size: float = 3.0
+    aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
+    num_scales: int = 1
+    fpn_filters: int = 64
+    rpn_filters: int = 64
+    fc_dims: int = 256
+    pre_nms_top_k: int = 1000
+    num_proposals: int = 256
+    test_num_proposals: int = 100
+    num_sampled_rois: int = 64
+    mask_convs: int = 2
+    mask_filters: int = 64
+    mask_crop_size: int = 56
+    batched_nms: bool = True
+    max_instances: int = 20
+    max_detections: int = 20
+    norm_momentum: float = 0.9
+    learning_rate: float = 1e-3
+    warmup_steps: int = 20
+    optimizer: str = "adam"
+    lr_schedule: str = "constant"
+    rpn_match_threshold: float = 0.7
+    rpn_unmatched_threshold: float = 0.3
+    rpn_batch_size_per_im: int = 256
+    rpn_score_loss_weight: float | None = None
+    roi_foreground_fraction: float = 0.25
+    mask_loss_weight: float = 1.0
+    weight_decay: float = 0.0
+    flip: str = "double"
+    scale_jitter: tuple[float, float] = (1.0, 1.0)
+    intensity_jitter: float = 0.0
+    score_threshold: float = 0.5
+    mask_paste: str = "exact"
+    overlap_drop: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"backbone must be one of {BACKBONES}; got {self.backbone!r}")
+        if self.flip not in FLIP_MODES:
+            raise ValueError(f"flip must be one of {FLIP_MODES}; got {self.flip!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}; got {self.optimizer!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}; got {self.lr_schedule!r}")
+        if not 0.0 <= self.rpn_unmatched_threshold <= self.rpn_match_threshold <= 1.0:
+            raise ValueError("need 0 <= rpn_unmatched_threshold <= rpn_match_threshold <= 1; got "
+                             f"{self.rpn_unmatched_threshold}, {self.rpn_match_threshold}")
+        stride = 2 ** self.max_level
+        if self.crop_size <= 0 or self.crop_size % stride:
+            raise ValueError(
+                f"crop_size must be a positive multiple of 2**max_level = {stride}; got {self.crop_size}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1; got {self.batch_size}")
+        if self.mask_paste not in MASK_PASTES:
+            raise ValueError(f"mask_paste must be one of {MASK_PASTES}; got {self.mask_paste!r}")
+        lo, hi = (float(v) for v in self.scale_jitter)
+        if not 0.0 < lo <= hi:
+            raise ValueError(f"scale_jitter must be (min, max) with 0 < min <= max; got {self.scale_jitter!r}")
+        for name in ("score_threshold", "overlap_drop", "intensity_jitter"):
+            if not 0.0 <= float(getattr(self, name)) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1]; got {getattr(self, name)!r}")
+        if self.rpn_score_loss_weight is not None and self.rpn_score_loss_weight <= 0:
+            raise ValueError(f"rpn_score_loss_weight must be > 0 or None; got {self.rpn_score_loss_weight!r}")
+        object.__setattr__(self, "aspect_ratios", tuple(float(a) for a in self.aspect_ratios))
+        object.__setattr__(self, "scale_jitter", (lo, hi))
+
+    @property
+    def effective_rpn_score_weight(self) -> float:
+        """The RPN objectness loss weight passed to Model Garden (errata E38).
+
+        Model Garden divides the summed anchor BCE by ``num_sampled_rois`` (its
+        ``RpnScoreLoss(tf.shape(box_outputs)[1])``), not by the ``rpn_batch_size_per_im``
+        anchors it samples; ``None`` (the default) rescales by their ratio so that the loss
+        is the mean BCE over the sampled anchors. ``1.0`` is Model Garden's literal weight.
+        """
+        if self.rpn_score_loss_weight is not None:
+            return float(self.rpn_score_loss_weight)
+        return float(self.num_sampled_rois) / float(self.rpn_batch_size_per_im)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["aspect_ratios"] = list(self.aspect_ratios)
+        out["scale_jitter"] = list(self.scale_jitter)
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "MaskRCNNConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown Mask R-CNN config keys {unknown}; known keys are {sorted(known)}")
+        return cls(**values)
+
+    def architecture(self) -> dict[str, Any]:
+        """The fields that fix the shapes of the weights (a checkpoint needs all equal)."""
+        keys = ("backbone", "mobilenet_width", "crop_size", "min_level", "max_level", "aspect_ratios",
+                "num_scales", "fpn_filters", "rpn_filters", "fc_dims", "mask_convs", "mask_filters")
+        d = self.to_dict()
+        return {k: d[k] for k in keys}
+
+
 @dataclasses.dataclass(frozen=True)
 class Profile:
     """Every size and length a notebook needs; see ``PROFILES`` for the two values."""
@@ -80,8 +215,8 @@ class Profile:
     # CU-Net (Algorithm 1) and its training recipe (section IV)
     cunet_base_filters: int  # z
     cunet_training: TrainConfig
-    # Mask R-CNN (section III.B): the name of its kts.maskrcnn.MaskRCNNConfig, and its steps
-    maskrcnn_profile: str
+    # Mask R-CNN (section III.B) and its training steps (section IV)
+    maskrcnn: MaskRCNNConfig
     maskrcnn_steps: int
     # Table I split study: seeds per partition, and the partitions (the quick profile runs two of the four)
     seeds: int
@@ -99,12 +234,23 @@ PROFILES: dict[str, Profile] = {
     "paper": Profile(
         name="paper", n_cases=30, slices_per_case=1, difficulty="paper", image_size=320, cunet_base_filters=16,
         cunet_training=TrainConfig(epochs=100, batch_size=4, early_stopping_patience=10, reduce_lr_patience=5),
-        maskrcnn_profile="paper", maskrcnn_steps=300, seeds=3,
+        # MobileNetV2 FPN Mask R-CNN on 128x128 kidney crops, batch 8 (errata E29, E38)
+        maskrcnn=MaskRCNNConfig(name="paper", backbone="mobilenetv2", mobilenet_width=1.0, crop_size=128, batch_size=8,
+                                anchor_size=3.0, num_scales=3, rpn_match_threshold=0.45, num_sampled_rois=64,
+                                learning_rate=1e-3, lr_schedule="cosine", weight_decay=4e-5, flip="dihedral",
+                                scale_jitter=(0.8, 1.25), intensity_jitter=0.3),
+        maskrcnn_steps=300, seeds=3,
     ),
     "quick": Profile(
         name="quick", n_cases=30, slices_per_case=1, difficulty="paper", image_size=128, cunet_base_filters=8,
         cunet_training=TrainConfig(epochs=15, batch_size=4, early_stopping_patience=5, reduce_lr_patience=3),
-        maskrcnn_profile="quick", maskrcnn_steps=150, seeds=1, table1_partitions=("TD-70% VD-6%", "TD-60% VD-20%"),
+        # MobileNetV2 (width 0.5) on 64x64 crops, batch 8
+        maskrcnn=MaskRCNNConfig(name="quick", backbone="mobilenetv2", mobilenet_width=0.5, crop_size=64, batch_size=8,
+                                anchor_size=1.5, num_scales=3, rpn_match_threshold=0.45, pre_nms_top_k=300,
+                                num_proposals=64, test_num_proposals=50, num_sampled_rois=32, mask_crop_size=28,
+                                learning_rate=2e-3, lr_schedule="cosine", weight_decay=4e-5, flip="dihedral",
+                                scale_jitter=(0.8, 1.25), intensity_jitter=0.3),
+        maskrcnn_steps=150, seeds=1, table1_partitions=("TD-70% VD-6%", "TD-60% VD-20%"),
         contrasts_left_out=("t1_pre",),
     ),
 }

@@ -5,6 +5,8 @@ and an FCN mask head) that delineates tumour instances in kidney images. kts doe
 re-implement Mask R-CNN: :class:`TumorMaskRCNN` wraps the maintained TF2 implementation
 of the TensorFlow Model Garden (``tf-models-official``, ``official.vision``) in a small,
 CPU-sized configuration with two classes (background, tumour) and no pretrained weights.
+Its settings, :class:`~kts.config.MaskRCNNConfig`, live with the profiles in :mod:`kts.config`
+(``get_profile("paper").maskrcnn``); this module re-exports the class.
 
 Model Garden builds ``tf_keras`` (Keras 2) models; every ``tf_keras`` and ``official``
 import of kts lives in this file (and only inside functions), the rest of kts is Keras 3.
@@ -21,7 +23,6 @@ Pitfalls handled here (each cost someone an afternoon):
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -32,166 +33,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from kts.config import MASK_PASTES, MaskRCNNConfig, get_profile  # noqa: F401 (kts.maskrcnn re-exports MaskRCNNConfig)
 from kts.io import write_json
 
 LOSS_NAMES = ("total_loss", "rpn_score_loss", "rpn_box_loss", "frcnn_cls_loss", "frcnn_box_loss", "mask_loss")
 CONFIG_FILE = "maskrcnn_config.json"
 CHECKPOINT_PREFIX = "weights"
-FLIP_MODES = ("double", "dihedral", "random", "none")
-OPTIMIZERS = ("adam", "sgd")
-LR_SCHEDULES = ("constant", "cosine")
-BACKBONES = ("resnet18", "mobilenetv2")
-MASK_PASTES = ("exact", "v1")
 PREDICT_BATCH = 8
-
-
-@dataclasses.dataclass(frozen=True)
-class MaskRCNNConfig:
-    """Size of the Mask R-CNN (section III.B) and of its training recipe (section IV).
-
-    ``paper()``: ResNet-18 + FPN at 128x128 kidney crops, batch 2. ``quick()``:
-    MobileNetV2 (width 0.5) at 64x64 crops, batch 4. Sizes in pixels of the crop.
-    ``flip``: ``"double"`` adds a horizontally flipped copy of every training crop (the
-    paper's "2x" augmentation, section IV), ``"random"`` flips each sample with p=0.5
-    (Model Garden's ``aug_rand_hflip``), ``"none"`` trains on the crops as given,
-    ``"dihedral"`` (not in the paper) adds all 8 quarter-turn/flip copies of every crop.
-    ``optimizer`` (``"adam"`` or ``"sgd"`` with momentum 0.9) and ``lr_schedule``
-    (``"constant"`` or ``"cosine"`` decay to 0 over the training steps, both after a linear
-    ``warmup_steps`` ramp) choose the recipe; ``rpn_*``, ``roi_foreground_fraction`` and
-    ``mask_loss_weight`` are passed to Model Garden (their defaults are Model Garden's).
-    """
-
-    name: str = "custom"
-    backbone: str = "resnet18"
-    mobilenet_width: float = 0.5
-    crop_size: int = 128
-    batch_size: int = 2
-    min_level: int = 2
-    max_level: int = 5
-    anchor_size: float = 3.0
-    aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
-    num_scales: int = 1
-    fpn_filters: int = 64
-    rpn_filters: int = 64
-    fc_dims: int = 256
-    pre_nms_top_k: int = 1000
-    num_proposals: int = 256
-    test_num_proposals: int = 100
-    num_sampled_rois: int = 64
-    mask_convs: int = 2
-    mask_filters: int = 64
-    mask_crop_size: int = 56
-    batched_nms: bool = True
-    max_instances: int = 20
-    max_detections: int = 20
-    norm_momentum: float = 0.9
-    learning_rate: float = 1e-3
-    warmup_steps: int = 20
-    optimizer: str = "adam"
-    lr_schedule: str = "constant"
-    rpn_match_threshold: float = 0.7
-    rpn_unmatched_threshold: float = 0.3
-    rpn_batch_size_per_im: int = 256
-    rpn_score_loss_weight: float | None = None
-    roi_foreground_fraction: float = 0.25
-    mask_loss_weight: float = 1.0
-    weight_decay: float = 0.0
-    flip: str = "double"
-    scale_jitter: tuple[float, float] = (1.0, 1.0)
-    intensity_jitter: float = 0.0
-    score_threshold: float = 0.5
-    mask_paste: str = "exact"
-    overlap_drop: float = 0.5
-
-    def __post_init__(self) -> None:
-        if self.backbone not in BACKBONES:
-            raise ValueError(f"backbone must be one of {BACKBONES}; got {self.backbone!r}")
-        if self.flip not in FLIP_MODES:
-            raise ValueError(f"flip must be one of {FLIP_MODES}; got {self.flip!r}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS}; got {self.optimizer!r}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}; got {self.lr_schedule!r}")
-        if not 0.0 <= self.rpn_unmatched_threshold <= self.rpn_match_threshold <= 1.0:
-            raise ValueError("need 0 <= rpn_unmatched_threshold <= rpn_match_threshold <= 1; got "
-                             f"{self.rpn_unmatched_threshold}, {self.rpn_match_threshold}")
-        stride = 2 ** self.max_level
-        if self.crop_size <= 0 or self.crop_size % stride:
-            raise ValueError(
-                f"crop_size must be a positive multiple of 2**max_level = {stride}; got {self.crop_size}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1; got {self.batch_size}")
-        if self.mask_paste not in MASK_PASTES:
-            raise ValueError(f"mask_paste must be one of {MASK_PASTES}; got {self.mask_paste!r}")
-        lo, hi = (float(v) for v in self.scale_jitter)
-        if not 0.0 < lo <= hi:
-            raise ValueError(f"scale_jitter must be (min, max) with 0 < min <= max; got {self.scale_jitter!r}")
-        for name in ("score_threshold", "overlap_drop", "intensity_jitter"):
-            if not 0.0 <= float(getattr(self, name)) <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1]; got {getattr(self, name)!r}")
-        if self.rpn_score_loss_weight is not None and self.rpn_score_loss_weight <= 0:
-            raise ValueError(f"rpn_score_loss_weight must be > 0 or None; got {self.rpn_score_loss_weight!r}")
-        object.__setattr__(self, "aspect_ratios", tuple(float(a) for a in self.aspect_ratios))
-        object.__setattr__(self, "scale_jitter", (lo, hi))
-
-    @property
-    def effective_rpn_score_weight(self) -> float:
-        """The RPN objectness loss weight passed to Model Garden (errata E38).
-
-        Model Garden divides the summed anchor BCE by ``num_sampled_rois`` (its
-        ``RpnScoreLoss(tf.shape(box_outputs)[1])``), not by the ``rpn_batch_size_per_im``
-        anchors it samples; ``None`` (the default) rescales by their ratio so that the loss
-        is the mean BCE over the sampled anchors. ``1.0`` is Model Garden's literal weight.
-        """
-        if self.rpn_score_loss_weight is not None:
-            return float(self.rpn_score_loss_weight)
-        return float(self.num_sampled_rois) / float(self.rpn_batch_size_per_im)
-
-    @classmethod
-    def paper(cls) -> "MaskRCNNConfig":
-        """MobileNetV2 FPN Mask R-CNN on 128x128 kidney crops, batch 8 (paper profile; errata E29, E38)."""
-        return cls(name="paper", backbone="mobilenetv2", mobilenet_width=1.0, crop_size=128, batch_size=8,
-                   anchor_size=3.0, num_scales=3, rpn_match_threshold=0.45, num_sampled_rois=64,
-                   learning_rate=1e-3, lr_schedule="cosine", weight_decay=4e-5, flip="dihedral",
-                   scale_jitter=(0.8, 1.25), intensity_jitter=0.3)
-
-    @classmethod
-    def quick(cls) -> "MaskRCNNConfig":
-        """MobileNetV2 (width 0.5) on 64x64 crops, batch 8 (quick profile for CI)."""
-        return cls(name="quick", backbone="mobilenetv2", mobilenet_width=0.5, crop_size=64, batch_size=8,
-                   anchor_size=1.5, num_scales=3, rpn_match_threshold=0.45, pre_nms_top_k=300, num_proposals=64,
-                   test_num_proposals=50, num_sampled_rois=32, mask_crop_size=28, learning_rate=2e-3,
-                   lr_schedule="cosine", weight_decay=4e-5, flip="dihedral", scale_jitter=(0.8, 1.25),
-                   intensity_jitter=0.3)
-
-    @classmethod
-    def from_profile(cls, name: str) -> "MaskRCNNConfig":
-        """``"paper"`` or ``"quick"`` (see :mod:`kts.config` profiles)."""
-        makers = {"paper": cls.paper, "quick": cls.quick}
-        if name not in makers:
-            raise ValueError(f"unknown Mask R-CNN profile {name!r}: choose one of {sorted(makers)}")
-        return makers[name]()
-
-    def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out["aspect_ratios"] = list(self.aspect_ratios)
-        out["scale_jitter"] = list(self.scale_jitter)
-        return out
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "MaskRCNNConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown Mask R-CNN config keys {unknown}; known keys are {sorted(known)}")
-        return cls(**values)
-
-    def architecture(self) -> dict[str, Any]:
-        """The fields that fix the shapes of the weights (a checkpoint needs all equal)."""
-        keys = ("backbone", "mobilenet_width", "crop_size", "min_level", "max_level", "aspect_ratios",
-                "num_scales", "fpn_filters", "rpn_filters", "fc_dims", "mask_convs", "mask_filters")
-        d = self.to_dict()
-        return {k: d[k] for k in keys}
 
 
 # ----------------------------------------------------------------------------- input checks
@@ -374,14 +222,14 @@ def training_dataset(config: MaskRCNNConfig, parser_config, crops: np.ndarray, l
 class TumorMaskRCNN:
     """Model Garden Mask R-CNN for tumour instances in kidney crops (section III.B).
 
-    >>> model = TumorMaskRCNN(MaskRCNNConfig.quick())
+    >>> model = TumorMaskRCNN(get_profile("quick").maskrcnn)
     >>> history = model.fit(crops, crop_labels, steps=300, seed=0)
     >>> detections = model.predict(test_crops)        # boxes, scores, masks per crop
     >>> labels = model.predict_labels(test_crops)     # uint16 instance label maps
     """
 
     def __init__(self, config: MaskRCNNConfig | None = None, seed: int = 0):
-        self.config = config if config is not None else MaskRCNNConfig.paper()
+        self.config = config if config is not None else get_profile("paper").maskrcnn
         if not isinstance(self.config, MaskRCNNConfig):
             raise ValueError(f"config must be a MaskRCNNConfig; got {type(self.config).__name__}")
         self.seed = seed

@@ -60,9 +60,7 @@ def corpus_crops(profile_name: str, n_cases: int, seed: int, crop_size: int, cop
     ground-truth kidney masks (``copies`` jittered cuts per kidney).
     """
     from kts import cascade, phantom
-    from kts.config import get_profile
-
-    profile = get_profile(profile_name)
+    profile = kts_config.get_profile(profile_name)
     if seed < 100:
         raise ValueError(f"corpus seed {seed} could meet the study's phantom seeds (0, 1, 2, ...); use >= 100")
     slices = phantom.generate(n_cases=n_cases, seed=seed, difficulty=profile.difficulty)
@@ -80,10 +78,10 @@ def pretrain(profile_name: str, out_dir: str | None = None, steps: int | None = 
     AP at the score threshold chosen on the held-out crops.
     """
     from kts import metrics
-    from kts.maskrcnn import MaskRCNNConfig, TumorMaskRCNN
+    from kts.maskrcnn import TumorMaskRCNN
     from tqdm.auto import tqdm
 
-    config = MaskRCNNConfig.from_profile(profile_name)
+    config = kts_config.get_profile(profile_name).maskrcnn
     out = Path(out_dir) if out_dir is not None else weights_dir(profile_name)
     total = int(steps or STEPS[profile_name])
     n_cases = int(n_cases or CORPUS_CASES[profile_name])

@@ -122,18 +122,18 @@ def train_tumor_stage(dataset, splits: dict, profile: Profile, out_dir: str | os
     """
     from kts import pretrain
     from kts.io import write_json
-    from kts.maskrcnn import MaskRCNNConfig, TumorMaskRCNN, anchor_positives
+    from kts.maskrcnn import TumorMaskRCNN, anchor_positives
 
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}; got {init!r}")
     out_dir = Path(out_dir)
     done = out_dir / "history.json"
-    config = MaskRCNNConfig.from_profile(profile.maskrcnn_profile)
+    config = profile.maskrcnn
     if resume and done.exists():
         info = _read_json(done)
         if info.get("init", "scratch") == init and (out_dir / "model" / "maskrcnn_config.json").is_file():
             return TumorMaskRCNN.load(out_dir / "model"), info
-    jitter = pretrain.BOX_JITTER[profile.maskrcnn_profile]
+    jitter = pretrain.BOX_JITTER[profile.name]
     train_crops, train_labels = tumor_crops(dataset, splits["train"], config.crop_size, copies=2, jitter=jitter,
                                             seed=seed)
     val_crops, val_labels = tumor_crops(dataset, splits["val"], config.crop_size)
@@ -141,11 +141,11 @@ def train_tumor_stage(dataset, splits: dict, profile: Profile, out_dir: str | os
     steps = steps or profile.maskrcnn_steps
     initial, learning_rate = None, None
     if init == "pretrained":
-        initial = pretrain.weights_dir(profile.maskrcnn_profile)
+        initial = pretrain.weights_dir(profile.name)
         if not (initial / "provenance.json").is_file():
             print(f"No pretrained weights in {initial.name}/: pretraining them once (kts.pretrain) ...", flush=True)
-            pretrain.pretrain(profile.maskrcnn_profile, progress=progress)
-        model.score_threshold = pretrain.load_pretrained(profile.maskrcnn_profile).score_threshold
+            pretrain.pretrain(profile.name, progress=progress)
+        model.score_threshold = pretrain.load_pretrained(profile.name).score_threshold
         learning_rate = config.learning_rate * FINE_TUNE_LR_FACTOR
     history = model.fit(train_crops, train_labels, steps=steps, seed=seed, progress=progress,
                         validation=(val_crops, val_labels) if validate else None,
@@ -168,10 +168,9 @@ def train_tumor_reference(dataset, splits: dict, profile: Profile, out_dir: str 
                           epochs: int | None = None, resume: bool = True):
     """The dense reference of issue 12 (not the paper's method): a narrow CU-Net on the same kidney crops."""
     from kts import pretrain, reference
-    from kts.maskrcnn import MaskRCNNConfig
 
-    config = MaskRCNNConfig.from_profile(profile.maskrcnn_profile)
-    jitter = pretrain.BOX_JITTER[profile.maskrcnn_profile]
+    config = profile.maskrcnn
+    jitter = pretrain.BOX_JITTER[profile.name]
     train = tumor_crops(dataset, splits["train"], config.crop_size, copies=2, jitter=jitter, seed=seed)
     val = tumor_crops(dataset, splits["val"], config.crop_size)
     reference.train_dense_reference(train[0], train[1], val[0], val[1], out_dir, z=8,

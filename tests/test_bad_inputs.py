@@ -395,9 +395,10 @@ def training_images_not_finite(tmp_path):
 
 
 def maskrcnn_crop_size(tmp_path):
-    from kts.maskrcnn import MaskRCNNConfig, TumorMaskRCNN
+    from kts.config import get_profile
+    from kts.maskrcnn import TumorMaskRCNN
 
-    model = TumorMaskRCNN(MaskRCNNConfig.quick())  # lazily built: the input check runs first
+    model = TumorMaskRCNN(get_profile("quick").maskrcnn)  # lazily built: the input check runs first
     crops = np.zeros((2, 50, 50), np.float32)
     return Case(lambda: model.fit(crops, np.zeros((2, 50, 50), np.uint16), steps=1), ValueError,
                 ["images", "crop_size"], "must be 64x64 \\(the config's crop_size\\); got 50x50")

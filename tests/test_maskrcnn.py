@@ -11,9 +11,11 @@ import json
 import numpy as np
 import pytest
 
+from kts.config import get_profile
 from kts.errors import KtsInputError
 from kts.maskrcnn import MaskRCNNConfig, TumorMaskRCNN, anchor_positives, detections_to_labels, paste_masks
 
+QUICK, PAPER = get_profile("quick").maskrcnn, get_profile("paper").maskrcnn
 TRAIN_STEPS = 300  # issue 12's sanity bound: 32 crops overfitted to F1 >= 0.95 within 300 steps
 
 
@@ -39,13 +41,10 @@ def blob_crops(n: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 # ----------------------------------------------------------------------------- fast
 
 def test_profiles_and_config_validation():
-    quick, paper = MaskRCNNConfig.quick(), MaskRCNNConfig.paper()
+    quick, paper = QUICK, PAPER
     assert paper.backbone == "mobilenetv2" and paper.crop_size == 128 and paper.batch_size == 8
     assert quick.backbone == "mobilenetv2" and quick.crop_size % 2 ** quick.max_level == 0
-    assert MaskRCNNConfig.from_profile("quick") == quick
     assert MaskRCNNConfig.from_dict(json.loads(json.dumps(paper.to_dict()))) == paper
-    with pytest.raises(ValueError, match="unknown Mask R-CNN profile"):
-        MaskRCNNConfig.from_profile("fast")
     with pytest.raises(ValueError, match="multiple of 2\\*\\*max_level = 32"):
         MaskRCNNConfig(crop_size=100)
     with pytest.raises(ValueError, match="flip"):
@@ -59,13 +58,13 @@ def test_profiles_and_config_validation():
 
 
 def test_recipe_fields_reach_the_model_garden_config():
-    config = dataclasses.replace(MaskRCNNConfig.quick(), rpn_match_threshold=0.5,
+    config = dataclasses.replace(QUICK, rpn_match_threshold=0.5,
                                  roi_foreground_fraction=0.5, mask_loss_weight=2.0)
     task = TumorMaskRCNN(config).task_config()  # a config object only: no model is built
     assert task.train_data.parser.rpn_match_threshold == 0.5
     assert task.model.roi_sampler.foreground_fraction == 0.5
     assert task.losses.mask_weight == 2.0
-    for profile in (MaskRCNNConfig.quick(), MaskRCNNConfig.paper()):  # issue 12: weight decay and scale jitter
+    for profile in (QUICK, PAPER):  # issue 12: weight decay and scale jitter
         task = TumorMaskRCNN(profile).task_config()
         assert task.losses.l2_weight_decay == profile.weight_decay > 0
         assert (task.train_data.parser.aug_scale_min, task.train_data.parser.aug_scale_max) == profile.scale_jitter
@@ -99,7 +98,7 @@ def test_dihedral_copies_are_the_eight_symmetries():
 
 
 def test_input_validation_before_any_model_is_built():
-    model = TumorMaskRCNN(MaskRCNNConfig.quick())
+    model = TumorMaskRCNN(QUICK)
     good = np.zeros((2, 64, 64), np.float32)
     with pytest.raises(ValueError, match="must be 64x64"):
         model.fit(np.zeros((2, 128, 128)), np.zeros((2, 128, 128)), steps=1)
@@ -117,15 +116,15 @@ def test_input_validation_before_any_model_is_built():
 
 
 def test_load_refuses_another_config_without_touching_tensorflow(tmp_path):
-    (tmp_path / "maskrcnn_config.json").write_text(json.dumps({"config": MaskRCNNConfig.quick().to_dict()}))
+    (tmp_path / "maskrcnn_config.json").write_text(json.dumps({"config": QUICK.to_dict()}))
     with pytest.raises(ValueError, match="'quick'.*'paper'|'paper'.*'quick'"):
-        TumorMaskRCNN.load(tmp_path, config=MaskRCNNConfig.paper())
+        TumorMaskRCNN.load(tmp_path, config=PAPER)
     with pytest.raises(KtsInputError, match="maskrcnn_config.json"):
         TumorMaskRCNN.load(tmp_path / "missing")
     with pytest.raises(KtsInputError, match="weights.index"):
         TumorMaskRCNN.load(tmp_path)  # config but no weights
     # fine-tuning from weights of another architecture: refused before anything is built
-    model = TumorMaskRCNN(MaskRCNNConfig.paper())
+    model = TumorMaskRCNN(PAPER)
     crops = np.zeros((2, 128, 128), np.float32)
     with pytest.raises(ValueError, match="cannot load into config 'paper'"):
         model.fit(crops, np.zeros((2, 128, 128), np.uint16), steps=1, initial_weights=tmp_path)
@@ -145,7 +144,7 @@ def test_detections_to_labels_higher_score_wins():
 
 def test_rpn_score_loss_is_the_mean_over_sampled_anchors():
     """Model Garden divides the anchor BCE by num_sampled_rois, not by the sampled anchors (errata E38)."""
-    quick = MaskRCNNConfig.quick()
+    quick = QUICK
     assert quick.effective_rpn_score_weight == pytest.approx(quick.num_sampled_rois / quick.rpn_batch_size_per_im)
     assert TumorMaskRCNN(quick).task_config().losses.rpn_score_weight == pytest.approx(32 / 256)
     literal = dataclasses.replace(quick, rpn_score_loss_weight=1.0)
@@ -196,12 +195,12 @@ def test_a_covered_duplicate_leaves_no_crescent():
 
 def test_every_tumor_size_gets_positive_anchors():
     """Anchors (scales, levels, match threshold) give the crops' tumours several positives (errata E38)."""
-    for config in (MaskRCNNConfig.quick(), MaskRCNNConfig.paper()):
+    for config in (QUICK, PAPER):
         _, labels = blob_crops(24, config.crop_size, seed=4)
         counts = anchor_positives(config, labels)
         assert len(counts) > 10
         assert np.median(counts) >= 3 and np.mean(counts == 0) <= 0.1, (config.name, counts)
-    old = dataclasses.replace(MaskRCNNConfig.quick(), num_scales=1, anchor_size=2.0, rpn_match_threshold=0.7)
+    old = dataclasses.replace(QUICK, num_scales=1, anchor_size=2.0, rpn_match_threshold=0.7)
     assert np.mean(anchor_positives(old, blob_crops(24, 64, seed=4)[1]) == 0) > 0.5
 
 
@@ -209,7 +208,7 @@ def test_every_tumor_size_gets_positive_anchors():
 
 @pytest.fixture(scope="module")
 def trained():
-    config = dataclasses.replace(MaskRCNNConfig.quick(), flip="none", scale_jitter=(1.0, 1.0), intensity_jitter=0.0)
+    config = dataclasses.replace(QUICK, flip="none", scale_jitter=(1.0, 1.0), intensity_jitter=0.0)
     images, labels = blob_crops(32, config.crop_size, seed=0)
     images[0], labels[0] = 50.0, 0  # a crop with no tumour must be usable (negative example)
     model = TumorMaskRCNN(config)

@@ -6,6 +6,7 @@ import json
 import pytest
 
 from kts import pretrain
+from kts.config import get_profile
 from kts.maskrcnn import MaskRCNNConfig, TumorMaskRCNN
 
 SHIPPED_LIMIT_MB = 25
@@ -20,7 +21,8 @@ def test_shipped_weights_have_their_provenance(profile):
     assert prov["held_out"]["seed"] == pretrain.HELD_OUT_SEED != pretrain.CORPUS_SEED
     assert prov["steps"] == pretrain.STEPS[profile] and prov["commit"]
     saved = json.loads((folder / "maskrcnn_config.json").read_text())
-    assert MaskRCNNConfig.from_dict(saved["config"]).architecture() == MaskRCNNConfig.from_profile(profile).architecture()
+    # the profile's Mask R-CNN (kts.config) is the very config the shipped weights were pretrained with
+    assert MaskRCNNConfig.from_dict(saved["config"]) == get_profile(profile).maskrcnn
     assert 0.0 < saved["score_threshold"] < 1.0
 
 
