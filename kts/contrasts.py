@@ -9,6 +9,7 @@ A second unseen condition (issue 16) is a harder acquisition of the weightings i
 at ``"hard"`` difficulty (lower SNR and tissue contrast, a stronger bias field, more pose
 variation) drawn with its own seed (``HARD_SEED_OFFSET + seed``), so that every case is new
 anatomy to the model (the phantom's anatomy depends on the seed and case, not on the difficulty).
+It is drawn from the phantom even when ``$KTS_SOURCE_ROOT`` points the study at other data.
 Like the split study, a finished run leaves ``metrics.json`` behind and is not retrained.
 """
 from __future__ import annotations
@@ -76,15 +77,16 @@ def run_one(dataset, held_out: str, seed: int, profile: Profile, work_dir: str |
 
 def hard_dataset(profile: Profile, seed: int = 0):
     """The profile's phantom at ``"hard"`` difficulty (size and case count as the profile's, phantom seed
-    ``HARD_SEED_OFFSET + seed``: other anatomy than the study's), extracted and cached."""
+    ``HARD_SEED_OFFSET + seed``: other anatomy than the study's), extracted and cached.
+
+    Always the phantom: ``$KTS_SOURCE_ROOT`` (other data for the study itself) is not read here."""
     import dataclasses
 
-    from kts import config, workflow
+    from kts import workflow
 
-    if os.environ.get(config.SOURCE_ENV):
-        raise ValueError(f"the hard-difficulty condition is drawn from the phantom, but ${config.SOURCE_ENV} "
-                         "points kts at other data; unset it, or leave the hard condition out (hard=None)")
-    return workflow.prepare_dataset(dataclasses.replace(profile, difficulty="hard"), seed=HARD_SEED_OFFSET + seed)[0]
+    hard = dataclasses.replace(profile, difficulty="hard")
+    seed = HARD_SEED_OFFSET + seed
+    return workflow.prepare_dataset(hard, seed=seed, source_root=workflow.write_phantom(hard, seed))[0]
 
 
 def _score(model, test) -> dict:

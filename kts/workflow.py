@@ -25,7 +25,7 @@ def prepare_dataset(profile: Profile, seed: int = 0, source_root: str | os.PathL
     Returns ``(dataset, source_root)``. The phantom is generated once per (seed, difficulty,
     size) and the dataset cache is rebuilt only when its inputs change.
     """
-    from kts import data, phantom
+    from kts import data
 
     base = Path(data_dir) if data_dir is not None else kts_config.data_dir()
     if source_root is None and os.environ.get(kts_config.SOURCE_ENV):
@@ -33,17 +33,25 @@ def prepare_dataset(profile: Profile, seed: int = 0, source_root: str | os.PathL
         if not source_root.is_dir():
             raise ValueError(f"{source_root}: ${kts_config.SOURCE_ENV} names no folder")
     if source_root is None:
-        source_root = phantom.default_root(seed, profile.difficulty, profile.n_cases, profile.slices_per_case,
-                                           data_dir=base)
-        if header_overrides:
-            source_root = source_root.with_name(source_root.name + "-overrides")
-        source_root = phantom.write_dataset(source_root, n_cases=profile.n_cases, seed=seed,
-                                            difficulty=profile.difficulty, slices_per_case=profile.slices_per_case,
-                                            header_overrides=header_overrides)
+        source_root = write_phantom(profile, seed, data_dir=base, header_overrides=header_overrides)
     source_root = Path(source_root)
     cache = base / "cache" / f"{source_root.name}-{profile.image_size}.npz"
     dataset = data.build_dataset(source_root, cache_path=cache, image_size=profile.image_size)
     return dataset, source_root
+
+
+def write_phantom(profile: Profile, seed: int = 0, data_dir: str | os.PathLike | None = None,
+                  header_overrides: dict | None = None) -> Path:
+    """The profile's phantom (its difficulty, case count and slices) for ``seed`` as DICOM, written once
+    into ``phantom.default_root``; returns that folder. ``$KTS_SOURCE_ROOT`` plays no part here."""
+    from kts import phantom
+
+    base = Path(data_dir) if data_dir is not None else kts_config.data_dir()
+    root = phantom.default_root(seed, profile.difficulty, profile.n_cases, profile.slices_per_case, data_dir=base)
+    if header_overrides:
+        root = root.with_name(root.name + "-overrides")
+    return phantom.write_dataset(root, n_cases=profile.n_cases, seed=seed, difficulty=profile.difficulty,
+                                 slices_per_case=profile.slices_per_case, header_overrides=header_overrides)
 
 
 def run_name(partition: str, seed: int) -> str:

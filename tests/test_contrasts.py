@@ -82,11 +82,16 @@ def test_a_run_scored_without_the_hard_condition_reads_na_beside_one_with_it(tmp
     assert "| +0.100 | n/a | n/a | n/a |" in text and "| +0.100 | 20 | 0.600 | +0.300 |" in text
 
 
-def test_the_hard_condition_is_other_anatomy_and_refuses_other_data(monkeypatch):
-    from kts import config, pretrain
+def test_the_hard_condition_is_other_anatomy_drawn_from_the_phantom(monkeypatch, tmp_path):
+    """Even with $KTS_SOURCE_ROOT pointing the study at other data (the pipeline test's phantom with
+    identifiers, or a user's series), the hard condition is the phantom at hard difficulty, own seed."""
+    from kts import config, pretrain, workflow
 
     assert contrasts.HARD_SEED_OFFSET not in (pretrain.CORPUS_SEED, pretrain.HELD_OUT_SEED)
     assert contrasts.HARD_SEED_OFFSET > 100  # above any study seed a user would pass
     monkeypatch.setenv(config.SOURCE_ENV, "/somewhere/real-series")
-    with pytest.raises(ValueError, match="hard-difficulty condition is drawn from the phantom"):
-        contrasts.hard_dataset(config.get_profile("quick"))
+    calls = []
+    monkeypatch.setattr(workflow, "write_phantom", lambda profile, seed: calls.append((profile.difficulty, seed)) or tmp_path)
+    monkeypatch.setattr(workflow, "prepare_dataset", lambda profile, seed, source_root: (("dataset", source_root), None))
+    assert contrasts.hard_dataset(config.get_profile("quick"), seed=1) == ("dataset", tmp_path)
+    assert calls == [("hard", contrasts.HARD_SEED_OFFSET + 1)]
