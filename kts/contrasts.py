@@ -71,8 +71,9 @@ def run_one(dataset, held_out: str, seed: int, profile: Profile, work_dir: str |
     from kts.runs import resumable
 
     run_dir = Path(work_dir) / f"without-{held_out}{'' if intensity == 'none' else '-' + intensity}-seed{seed}"
+    needs = ("s_per_epoch",) + (("test_hard_dice",) if hard is not None else ())
     return resumable(run_dir, lambda folder: _train_and_score(dataset, held_out, seed, profile, folder, intensity, hard),
-                     needs=("test_hard_dice",) if hard is not None else ())
+                     needs=needs)
 
 
 def hard_dataset(profile: Profile, seed: int = 0):
@@ -96,6 +97,13 @@ def _score(model, test) -> dict:
     return metrics.summarise(predict_probabilities(model, test.images) > 0.5, test.kidney_masks)
 
 
+def _median_or_nan(values) -> float:
+    """The median epoch time (issue 16's cost: seconds per epoch of each recipe); NaN if none was recorded."""
+    import numpy as np
+
+    return float(np.median(values)) if len(values) else float("nan")
+
+
 def _train_and_score(dataset, held_out: str, seed: int, profile: Profile, run_dir: Path, intensity: str,
                      hard=None) -> dict:
     from kts import workflow
@@ -107,7 +115,7 @@ def _train_and_score(dataset, held_out: str, seed: int, profile: Profile, run_di
     # scoring (and wall_s, at the end) are filled in by kts.runs.resumable; listed to keep the column order
     record = {"held_out": held_out, "intensity": intensity, "seed": seed, "profile": profile.name,
               "trained_on": trained_on, "n_train": len(splits["train"]), "n_val": len(splits["val"]),
-              "scoring": None}
+              "epochs": len(kidney.history), "s_per_epoch": _median_or_nan(kidney.epoch_seconds), "scoring": None}
     tests = {side: dataset.subset(splits[side]) for side in ("test_seen", "test_unseen")}
     if hard is not None:
         by_case = hard.index.drop_duplicates("case_id").set_index("case_id")["weighting"]
@@ -150,7 +158,8 @@ def run_study(dataset, profile: Profile, held_out: Iterable[str], seed: int, wor
 
 
 def to_markdown(table) -> str:
-    """The study as a markdown table (pooled kidney Dice; ``gap`` = seen - unseen; undefined: "n/a")."""
+    """The study as a markdown table (pooled kidney Dice; ``gap`` = seen - unseen; undefined: "n/a"),
+    with each recipe's epochs and median seconds per epoch beside the paper recipe's (issue 16's cost)."""
     from kts.metrics import format_metric
 
     def gap(value):
@@ -159,11 +168,23 @@ def to_markdown(table) -> str:
     def count(value):  # NaN where a run was scored without the hard condition
         return "n/a" if value != value else str(int(value))
 
+    def seconds(value):  # NaN: trained before kts recorded epoch times
+        return "n/a" if value != value else f"{value:.1f}"
+
+    def ratio(row):  # the recipe's epoch time over the paper recipe's for the same left-out weighting
+        paper = table[(table["held_out"] == row["held_out"]) & (table["intensity"] == "none")]["s_per_epoch"]
+        value = row["s_per_epoch"] / paper.iloc[0] if len(paper) else float("nan")
+        return "n/a" if value != value else f"{value:.2f}x"
+
     hard = "test_hard_dice" in table.columns
+
     header = ("left out", "intensity augmentation", "trained on", "seen-contrast test cases", "kidney Dice, seen",
               "unseen-contrast cases", "kidney Dice, unseen", "gap")
     if hard:
         header += ("hard-difficulty cases (seen weightings)", "kidney Dice, hard", "gap, hard")
+    timed = "s_per_epoch" in table.columns
+    if timed:
+        header += ("epochs", "s per epoch (median)", "epoch time / paper recipe's")
     rows = []
     for _, row in table.iterrows():
         cells = (row["held_out"], row["intensity"], ", ".join(row["trained_on"]), str(row["n_test_seen"]),
@@ -171,6 +192,8 @@ def to_markdown(table) -> str:
                  format_metric(row["test_unseen_dice"]), gap(row["dice_gap"]))
         if hard:
             cells += (count(row["n_test_hard"]), format_metric(row["test_hard_dice"]), gap(row["hard_gap"]))
+        if timed:
+            cells += (count(row["epochs"]), seconds(row["s_per_epoch"]), ratio(row))
         rows.append(cells)
     return kts_io.markdown_table(rows, header)
 

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,9 @@ class TrainResult:
     out_dir: Path
     best_epoch: int
     stopped_early: bool
+    # wall seconds of each epoch (training steps and validation, not the checkpoint writes), as far as
+    # state.json recorded them: none for epochs trained before kts kept them
+    epoch_seconds: list = dataclasses.field(default_factory=list)
 
 
 def set_seed(seed: int, deterministic: bool = True) -> None:
@@ -371,7 +375,9 @@ class CheckpointCallback(keras.callbacks.Callback):
         self.best_value = state["best_value"] if state else float("inf")
         self.best_epoch = state["best_epoch"] if state else 0
         self.files = dict(state.get("files", {})) if state else {}
+        self.epoch_seconds = list(state.get("epoch_seconds", [])) if state else []
         self.stopped = False
+        self.epoch_started = None
 
     def on_train_begin(self, logs=None):
         if not self.state:
@@ -391,8 +397,11 @@ class CheckpointCallback(keras.callbacks.Callback):
             if generator is not None:
                 state = keras.ops.convert_to_numpy(generator.state)
                 generator.state.assign(np.array([state[0], epoch * 1_000_003], dtype=state.dtype))
+        self.epoch_started = time.perf_counter()
 
     def on_epoch_end(self, epoch, logs=None):
+        if self.epoch_started is not None:  # kept out of history.csv, which stays bitwise repeatable
+            self.epoch_seconds.append(round(time.perf_counter() - self.epoch_started, 3))
         logs = dict(logs or {})
         row = {"epoch": epoch + 1}
         row.update({k: float(v) for k, v in sorted(logs.items()) if k != "learning_rate"})
@@ -413,6 +422,7 @@ class CheckpointCallback(keras.callbacks.Callback):
             "best_value": self.best_value, "best_epoch": self.best_epoch,
             "early_stopping": _callback_state(es), "reduce_lr": _callback_state(self.reduce_lr_cb),
             "history": self.rows, "stopped": self.stopped, "files": dict(self.files),
+            "epoch_seconds": self.epoch_seconds,
         })
 
 
@@ -491,7 +501,8 @@ def _finish(out_dir: Path, rows: list[dict], stopped: bool) -> TrainResult:
     model = load_best_model(out_dir)
     history = pd.DataFrame(rows)
     return TrainResult(model=model, history=history, out_dir=out_dir,
-                       best_epoch=int(state.get("best_epoch", len(rows))), stopped_early=bool(stopped))
+                       best_epoch=int(state.get("best_epoch", len(rows))), stopped_early=bool(stopped),
+                       epoch_seconds=list(state.get("epoch_seconds", [])))
 
 
 def predict_probabilities(model, images, batch_size: int = 8) -> np.ndarray:

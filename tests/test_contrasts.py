@@ -72,6 +72,18 @@ def test_table_with_the_hard_difficulty_columns(tmp_path):
     assert "| t1_pre | synth | t1_post, t2 | 4 | 0.900 | 10 | 0.800 | +0.100 | 20 | 0.600 | +0.300 |" in text
 
 
+def test_each_recipe_reports_its_epoch_time_beside_the_paper_recipes(tmp_path):
+    base = {"held_out": "t1_pre", "trained_on": ["t1_post", "t2"], "n_test_seen": 4, "test_seen_dice": 0.9,
+            "n_test_unseen": 10, "test_unseen_dice": 0.8, "dice_gap": 0.1}
+    table = pd.DataFrame([{**base, "intensity": "none", "epochs": 40, "s_per_epoch": 10.0},
+                          {**base, "intensity": "synth", "epochs": 60, "s_per_epoch": 13.0},
+                          {**base, "intensity": "random_lut", "epochs": 30, "s_per_epoch": float("nan")}])
+    lines = contrasts.to_markdown(table).splitlines()
+    assert "s per epoch (median)" in lines[0]
+    assert lines[2].endswith("| 40 | 10.0 | 1.00x |") and lines[3].endswith("| 60 | 13.0 | 1.30x |")
+    assert lines[4].endswith("| 30 | n/a | n/a |")  # trained before kts recorded epoch times
+
+
 def test_a_run_scored_without_the_hard_condition_reads_na_beside_one_with_it(tmp_path):
     rows = [{"held_out": "t1_pre", "intensity": "none", "trained_on": ["t1_post", "t2"], "n_test_seen": 4,
              "test_seen_dice": 0.9, "n_test_unseen": 10, "test_unseen_dice": 0.8, "dice_gap": 0.1},

@@ -167,6 +167,7 @@ def test_unseen_contrast_numbers(metrics):
             r["test_seen_dice"] - r["test_unseen_dice"])
         assert r["n_test_hard"] == 20 and 0.0 <= r["test_hard_dice"] <= 1.0  # the seen weightings' cases, hard
         assert r["hard_gap"] == pytest.approx(r["test_seen_dice"] - r["test_hard_dice"])
+        assert r["epochs"] >= 1 and r["s_per_epoch"] > 0  # issue 16: each recipe's time per epoch
     text = (RESULTS / "contrasts.md").read_text()
     assert "kidney Dice, unseen" in text and "kidney Dice, hard" in text
     assert (RESULTS / "contrasts_hard_difficulty.png").exists()

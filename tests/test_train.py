@@ -64,6 +64,9 @@ def test_resume_ends_where_an_uninterrupted_run_ends(data, tmp_path):
     resumed = train.train_cunet((x, y), (vx, vy), tmp_path / "parts", model_kwargs=dict(z=2), config=config,
                                 seed=5, resume=True)
     assert len(resumed.history) == 4
+    # each epoch's wall time survives the interruption (state.json), outside the bitwise-repeatable history.csv
+    assert len(full.epoch_seconds) == len(resumed.epoch_seconds) == 4 and min(resumed.epoch_seconds) > 0
+    assert "epoch_s" not in (tmp_path / "parts" / train.HISTORY_FILE).read_text()
     np.testing.assert_allclose(resumed.history["loss"], full.history["loss"], rtol=1e-5)
     for a, b in zip(full.model.get_weights(), resumed.model.get_weights()):
         np.testing.assert_array_equal(a, b)
