@@ -101,6 +101,7 @@ def run(profile: str = "paper", seed: int = 0, results: str | os.PathLike | None
     """Execute the notebooks with papermill; return (and write) the run's ``metrics.json``.
 
     ``notebooks``: the folder of numbered notebooks (default the checkout's ``notebooks/``).
+    With ``only``, the notebooks not run keep their wall times from the previous ``metrics.json``.
     """
     import papermill as pm
 
@@ -169,6 +170,9 @@ def run(profile: str = "paper", seed: int = 0, results: str | os.PathLike | None
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+    if only:  # a partial run: the other notebooks' results stay, and so do their wall times
+        kept = _previous_timings(results / "metrics.json", profile)
+        timings = {name: timings.get(name, kept.get(name)) for name in sorted({*kept, *timings})}
     metrics = _collect(results, profile, seed, timings, time.perf_counter() - started)
     kts_io.write_json(results / "metrics.json", metrics)
     return metrics
@@ -186,6 +190,14 @@ def annotate(results: str | os.PathLike, note: str) -> Path:
     else:
         provenance.pop("note", None)
     return kts_io.write_json(path, metrics)
+
+
+def _previous_timings(path: Path, profile: str) -> dict[str, float]:
+    """``wall_s_per_notebook`` of an earlier run of this profile in ``path`` (empty if none)."""
+    if not path.is_file():
+        return {}
+    provenance = json.loads(path.read_text()).get("provenance", {})
+    return dict(provenance.get("wall_s_per_notebook", {})) if provenance.get("profile") == profile else {}
 
 
 def _collect(results: Path, profile: str, seed: int, timings: dict, wall: float) -> dict[str, Any]:

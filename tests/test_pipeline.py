@@ -183,3 +183,26 @@ def test_a_parameter_no_notebook_declares_is_refused_before_anything_runs(tmp_pa
                      data=tmp_path / "d", parameters={"SEEDZ": 1})
     assert not list((tmp_path / "runs").iterdir())
     assert {k: os.environ.get(k) for k in before} == before
+
+
+def test_a_partial_run_keeps_the_other_notebooks_wall_times(tmp_path):
+    """``kts run --only 02`` rewrites metrics.json: notebook 01's wall time from the earlier run stays
+    (republishing one notebook once left README saying the whole paper run took 07's minutes)."""
+    import nbformat
+
+    folder = tmp_path / "notebooks"
+    folder.mkdir()
+    for name in ("01_first", "02_second"):
+        notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("PROFILE = 'quick'\nSEED = 0",
+                                                                            metadata={"tags": ["parameters"]})])
+        notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+        nbformat.write(notebook, folder / f"{name}.ipynb")
+    results = tmp_path / "r"
+    results.mkdir()
+    (results / "metrics.json").write_text(json.dumps(
+        {"provenance": {"profile": "quick", "wall_s_per_notebook": {"01_first": 12.5, "02_second": 99.0}}}))
+    metrics = pipeline.run("quick", results=results, runs=tmp_path / "runs", work=tmp_path / "w", data=tmp_path / "d",
+                           only=["02"], notebooks=folder)
+    walls = metrics["provenance"]["wall_s_per_notebook"]
+    assert list(walls) == ["01_first", "02_second"] and walls["01_first"] == 12.5 and walls["02_second"] < 99.0
+    assert metrics["provenance"]["wall_s_total"] == pytest.approx(12.5 + walls["02_second"], abs=0.11)
