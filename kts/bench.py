@@ -146,17 +146,8 @@ def machine_info() -> dict[str, Any]:
     """CPU model, cores, memory, library versions, oneDNN flag, date (no host or user names)."""
     from importlib import metadata
 
-    model, flags = None, []
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        for line in text.splitlines():
-            if line.startswith("model name") and not model:
-                model = line.split(":", 1)[1].strip()
-            if line.startswith("flags") and not flags:
-                flags = [f for f in line.split(":", 1)[1].split()
-                         if f.startswith(("avx512f", "avx512_bf16", "avx512_vnni", "amx", "avx2", "fma"))]
-    except OSError:
-        pass
+    from kts import config
+
     mem_gb = None
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -174,7 +165,7 @@ def machine_info() -> dict[str, Any]:
         affinity = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover
         affinity = os.cpu_count()
-    return {"cpu_model": model or platform.processor() or None, "cpu_flags": sorted(set(flags)), "cores": os.cpu_count(), "cores_usable": affinity,
+    return {**config.cpu(), "cores": os.cpu_count(), "cores_usable": affinity,
             "memory_gb": mem_gb, "versions": versions,
             "onednn_opts": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default (on for x86 TF >= 2.9)"),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

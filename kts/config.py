@@ -348,6 +348,22 @@ def git_commit(dirty_of: str | os.PathLike | None = None) -> str | None:
     return commit + ("-dirty" if changed else "")
 
 
+def cpu() -> dict[str, Any]:
+    """The CPU model and the vector extensions that decide TF's kernels: results are bitwise repeatable
+    on one kind of CPU, not across kinds (README, "Same seed, same bits")."""
+    model, flags = None, []
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and not model:
+                model = line.split(":", 1)[1].strip()
+            if line.startswith("flags") and not flags:
+                flags = [f for f in line.split(":", 1)[1].split()
+                         if f.startswith(("avx512f", "avx512_bf16", "avx512_vnni", "amx", "avx2", "fma"))]
+    except OSError:  # not Linux
+        pass
+    return {"cpu_model": model or platform.processor() or None, "cpu_flags": sorted(set(flags))}
+
+
 def versions() -> dict[str, str]:
     """Versions of Python and of the libraries whose behaviour the results depend on."""
     from importlib import metadata

@@ -209,7 +209,8 @@ def _collect(results: Path, profile: str, seed: int, timings: dict, wall: float)
         "provenance": {"git_commit": config.git_commit(), "profile": profile, "seed": seed,
                        "versions": config.versions(), "wall_s_per_notebook": timings,
                        "wall_s_total": round(sum(timings.values()), 1),
-                       "peak_rss_mb_children": round(peak_kib / 1024, 1), "cpu_count": os.cpu_count()},
+                       "peak_rss_mb_children": round(peak_kib / 1024, 1), "cpu_count": os.cpu_count(),
+                       **config.cpu()},
         "notebooks": notebook_metrics,
     }
 
@@ -279,7 +280,8 @@ def results_section(results: str | os.PathLike) -> str:
     prov = metrics.get("provenance", {})
     lines = [f"From a `{prov.get('profile', '?')}`-profile run (seed {prov.get('seed', '?')}, commit "
              f"`{(prov.get('git_commit') or 'unknown')[:10]}`, {prov.get('wall_s_total', 0) / 60:.0f} min on "
-             f"{prov.get('cpu_count', '?')} cores) on the **phantom**: these are not the paper's data.", ""]
+             f"{prov.get('cpu_count', '?')} cores{', ' + prov['cpu_model'] if prov.get('cpu_model') else ''}) on the "
+             "**phantom**: these are not the paper's data.", ""]
     if prov.get("note"):
         lines += [f"*This run: {prov['note']}.*", ""]
     if (results / "table1.md").exists():
