@@ -101,7 +101,8 @@ def _median_or_nan(values) -> float:
     """The median epoch time (issue 16's cost: seconds per epoch of each recipe); NaN if none was recorded."""
     import numpy as np
 
-    return float(np.median(values)) if len(values) else float("nan")
+    values = [v for v in values if v is not None]
+    return float(np.median(values)) if values else float("nan")
 
 
 def _train_and_score(dataset, held_out: str, seed: int, profile: Profile, run_dir: Path, intensity: str,

@@ -60,6 +60,7 @@ def corpus_crops(profile_name: str, n_cases: int, seed: int, crop_size: int, cop
     ground-truth kidney masks (``copies`` jittered cuts per kidney).
     """
     from kts import cascade, phantom
+
     profile = kts_config.get_profile(profile_name)
     if seed < 100:
         raise ValueError(f"corpus seed {seed} could meet the study's phantom seeds (0, 1, 2, ...); use >= 100")

@@ -38,8 +38,8 @@ class TrainResult:
     out_dir: Path
     best_epoch: int
     stopped_early: bool
-    # wall seconds of each epoch (training steps and validation, not the checkpoint writes), as far as
-    # state.json recorded them: none for epochs trained before kts kept them
+    # wall seconds of each epoch (training steps and validation, not the checkpoint writes) as state.json
+    # recorded them; None for epochs trained before kts kept them
     epoch_seconds: list = dataclasses.field(default_factory=list)
 
 
@@ -375,7 +375,8 @@ class CheckpointCallback(keras.callbacks.Callback):
         self.best_value = state["best_value"] if state else float("inf")
         self.best_epoch = state["best_epoch"] if state else 0
         self.files = dict(state.get("files", {})) if state else {}
-        self.epoch_seconds = list(state.get("epoch_seconds", [])) if state else []
+        # one entry per epoch; None for epochs trained before kts kept their times
+        self.epoch_seconds = _epoch_seconds(state) if state else []
         self.stopped = False
         self.epoch_started = None
 
@@ -494,6 +495,12 @@ def _load_state(out_dir: Path) -> dict | None:
         raise ValueError(f"{path}: unreadable training state ({exc}); delete the folder to start afresh") from exc
 
 
+def _epoch_seconds(state: dict) -> list:
+    """``state.json``'s epoch times, one per epoch trained (``None`` first for epochs from before they were kept)."""
+    seconds = list(state.get("epoch_seconds", []))
+    return [None] * (int(state.get("epoch", len(seconds))) - len(seconds)) + seconds
+
+
 def _finish(out_dir: Path, rows: list[dict], stopped: bool) -> TrainResult:
     import pandas as pd
 
@@ -502,7 +509,7 @@ def _finish(out_dir: Path, rows: list[dict], stopped: bool) -> TrainResult:
     history = pd.DataFrame(rows)
     return TrainResult(model=model, history=history, out_dir=out_dir,
                        best_epoch=int(state.get("best_epoch", len(rows))), stopped_early=bool(stopped),
-                       epoch_seconds=list(state.get("epoch_seconds", [])))
+                       epoch_seconds=_epoch_seconds(state) if state else [])
 
 
 def predict_probabilities(model, images, batch_size: int = 8) -> np.ndarray:

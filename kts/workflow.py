@@ -126,7 +126,9 @@ def train_tumor_stage(dataset, splits: dict, profile: Profile, out_dir: str | os
     jittered boxes (E38). Afterwards the detection score threshold is chosen on the
     validation crops (kept with the model; with no tumour there, the pretrained one stays).
     ``validate`` scores the validation crops four times during training (the curves of
-    notebook 03); the split study turns it off.
+    notebook 03); the split study turns it off. The pretrained start and the box jitter are
+    looked up by the profile's name (``kts/weights/maskrcnn-<name>``): a profile with another
+    ``maskrcnn`` architecture than its name's weights is refused when they are loaded.
     """
     from kts import pretrain
     from kts.io import write_json

@@ -84,6 +84,11 @@ def test_each_recipe_reports_its_epoch_time_beside_the_paper_recipes(tmp_path):
     assert lines[4].endswith("| 30 | n/a | n/a |")  # trained before kts recorded epoch times
 
 
+def test_the_median_epoch_time_skips_epochs_without_one():
+    assert contrasts._median_or_nan([None, 3.0, 5.0]) == 4.0
+    assert contrasts._median_or_nan([None]) != contrasts._median_or_nan([None])  # NaN: nothing recorded
+
+
 def test_a_run_scored_without_the_hard_condition_reads_na_beside_one_with_it(tmp_path):
     rows = [{"held_out": "t1_pre", "intensity": "none", "trained_on": ["t1_post", "t2"], "n_test_seen": 4,
              "test_seen_dice": 0.9, "n_test_unseen": 10, "test_unseen_dice": 0.8, "dice_gap": 0.1},

@@ -3,6 +3,8 @@ import re
 import tomllib
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -95,6 +97,23 @@ def test_goals_table_judges_each_goal_from_results(tmp_path):
     assert goals["unseen_contrast_dice"]["met"] is None
     text = pipeline.goals_section(tmp_path)
     assert "| 0.940-0.960 | missed (1 of 2 met) |" in text and "not measured in this run" in text
+
+
+def test_the_unseen_contrast_goals_read_notebook_07s_table(tmp_path):
+    """Issue 16's goals: unseen Dice, unseen/seen ratio (best recipe, worst weighting), and the synth recipe's
+    epoch time over the paper recipe's (each left-out weighting; a run without times is not measured)."""
+    import pandas as pd
+
+    from kts import pipeline
+
+    rows = [("t1_pre", "none", 0.90, 0.20, 10.0), ("t1_pre", "synth", 0.92, 0.90, 14.0),
+            ("t2", "none", 0.91, 0.30, 10.0), ("t2", "synth", 0.93, 0.89, 16.0)]
+    pd.DataFrame(rows, columns=["held_out", "intensity", "test_seen_dice", "test_unseen_dice", "s_per_epoch"]).to_csv(
+        tmp_path / "contrasts.csv", index=False)
+    goals = pipeline.goal_values(tmp_path)
+    assert goals["unseen_contrast_dice"]["values"] == [0.89] and goals["unseen_contrast_dice"]["met"] is False
+    assert goals["unseen_over_seen_dice"]["values"] == [pytest.approx(0.89 / 0.93)]
+    assert goals["synth_epoch_time_ratio"]["values"] == [1.4, 1.6] and goals["synth_epoch_time_ratio"]["n_met"] == 1
 
 
 # kts's floors, bottom first: a module may import (at module level or inside a function) only from

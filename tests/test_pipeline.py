@@ -200,7 +200,8 @@ def test_a_partial_run_keeps_the_other_notebooks_wall_times(tmp_path):
     results = tmp_path / "r"
     results.mkdir()
     (results / "metrics.json").write_text(json.dumps(
-        {"provenance": {"profile": "quick", "wall_s_per_notebook": {"01_first": 12.5, "02_second": 99.0}}}))
+        {"provenance": {"profile": "quick", "seed": 0,
+                        "wall_s_per_notebook": {"01_first": 12.5, "02_second": 99.0, "08_removed": 7.0}}}))
     metrics = pipeline.run("quick", results=results, runs=tmp_path / "runs", work=tmp_path / "w", data=tmp_path / "d",
                            only=["02"], notebooks=folder)
     walls = metrics["provenance"]["wall_s_per_notebook"]

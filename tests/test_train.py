@@ -72,6 +72,11 @@ def test_resume_ends_where_an_uninterrupted_run_ends(data, tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+def test_epoch_times_of_a_run_from_before_they_were_kept_read_none():
+    assert train._epoch_seconds({"epoch": 4, "epoch_seconds": [1.5, 2.5]}) == [None, None, 1.5, 2.5]
+    assert train._epoch_seconds({"epoch": 2}) == [None, None]
+
+
 def test_same_seed_same_weights(data, tmp_path, capsys):
     """Same seed, same weights; the progress bar (shown for b) shows epochs and changes nothing."""
     (x, y), (vx, vy) = data
