@@ -7,13 +7,17 @@ paper                                       module
 ==========================================  =====================
 Algorithm 1 (Custom U-Net)                  ``kts.cunet``
 training recipe, overfit measure D (III.A)  ``kts.train``, ``kts.metrics``
+the two profiles and their recipes (IV)     ``kts.config``
 IoU, Dice, accuracy (Table I)               ``kts.metrics``
-MR slices, masks, splits (III.A.2-3, IV)    ``kts.phantom``, ``kts.data``
+MR slices (III.A.2, IV)                     ``kts.phantom``, ``kts.dicom``, ``kts.data``
+kidney and tumour masks (III.A.2)           ``kts.masks``
+splits (III.A.3)                            ``kts.data``
 Mask R-CNN (III.B)                          ``kts.maskrcnn``
 the cascade of Figure 4                     ``kts.cascade``
 Figures 1, 3, 5, 6                          ``kts.plots``
 one slice through Figure 4, interactively   ``kts.explorer``
-Table I split study                         ``kts.study``
+Table I split study                         ``kts.study``, ``kts.runs``
+unseen MR contrasts (III.A, not measured)   ``kts.contrasts``, ``kts.synth``
 ==========================================  =====================
 
 Heavy modules (TensorFlow) are imported lazily so that ``import kts`` is fast. Imported in an

@@ -264,7 +264,7 @@ def default_profile() -> str:
 def get_profile(name: str) -> Profile:
     """Return the named profile; an unknown name or a non-string raises ``ValueError``."""
     if not isinstance(name, str):
-        raise ValueError(f"PROFILE must be a string, one of {sorted(PROFILES)}; got {type(name).__name__} {name!r}")
+        raise ValueError(f"profile name must be a string, one of {sorted(PROFILES)}; got {type(name).__name__} {name!r}")
     try:
         return PROFILES[name]
     except KeyError:

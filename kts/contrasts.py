@@ -94,7 +94,7 @@ def _score(model, test) -> dict:
     from kts import metrics
     from kts.train import predict_probabilities
 
-    return metrics.summarise(predict_probabilities(model, test.images) > 0.5, test.kidney_masks)
+    return metrics.score_masks(predict_probabilities(model, test.images) > 0.5, test.kidney_masks)
 
 
 def _median_or_nan(values) -> float:

@@ -5,7 +5,7 @@ section IV (360x360 images resized to 320x320) and section III.A.3 / Table I (tr
 validation and test partitions). The DICOM series are read by :mod:`kts.dicom` (which also
 fixes the display orientation), the masks by :mod:`kts.masks`.
 
-On-disk layout read by :func:`build_dataset` (docs/HELPERS_CONTEXT.md)::
+On-disk layout read by :func:`build_dataset` (README, "Real data")::
 
     <root>/phantom.json (optional)  cases.csv (optional)
     <root>/<case_id>/dicom/*.dcm

@@ -34,7 +34,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 
 __all__ = [
-    "confusion", "iou", "dice", "pixel_accuracy", "precision", "recall", "summarise", "format_metric",
+    "confusion", "iou", "dice", "pixel_accuracy", "precision", "recall", "score_masks", "format_metric",
     "format_spread", "overfit_measure", "is_overfit", "match_instances", "instance_scores", "tumor_scores",
     "mask_ap", "SCORING",
 ]
@@ -142,7 +142,7 @@ def _mean_defined(values: Sequence[float]) -> tuple[float, int]:
     return (float(np.mean(defined)) if defined else NAN), len(defined)
 
 
-def summarise(preds: Iterable, targets: Iterable) -> dict[str, float]:
+def score_masks(preds: Iterable, targets: Iterable) -> dict[str, float]:
     """All five metrics over a set of images: ``pooled_<metric>`` (the reported figure) and
     ``mean_<metric>`` (per image, over the ``mean_<metric>_n_images`` images where it is defined).
 
@@ -159,7 +159,7 @@ def summarise(preds: Iterable, targets: Iterable) -> dict[str, float]:
         per_image.append(_from_counts(c))
         n += 1
     if n == 0:
-        raise ValueError("summarise needs at least one image")
+        raise ValueError("score_masks needs at least one image")
     out: dict = {}
     for key in per_image[0]:
         out[f"mean_{key}"], out[f"mean_{key}_n_images"] = _mean_defined([m[key] for m in per_image])
@@ -290,7 +290,7 @@ def tumor_scores(pred_label_maps: Iterable, gt_label_maps: Iterable, iou_thresho
         raise ValueError(f"{len(preds)} predicted label maps but {len(gts)} ground-truth maps")
     if not preds:
         raise ValueError("tumor_scores needs at least one image")
-    pixels = summarise([p > 0 for p in preds], [g > 0 for g in gts])
+    pixels = score_masks([p > 0 for p in preds], [g > 0 for g in gts])
     inst = instance_scores(preds, gts, iou_threshold=iou_threshold)
     return {"dice": pixels["pooled_dice"], "iou": pixels["pooled_iou"],
             "instance_precision": inst["precision"], "instance_recall": inst["recall"], "instance_f1": inst["f1"],

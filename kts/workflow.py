@@ -287,8 +287,8 @@ def score_cascade(kidney_pred, tumor_pred_labels, kidney_gt, tumor_gt_labels, in
 
     tumor_pred_bin = np.asarray(tumor_pred_labels) > 0
     tumor_gt_bin = np.asarray(tumor_gt_labels) > 0
-    kidney = metrics.summarise(kidney_pred, kidney_gt)
-    tumor = metrics.summarise(tumor_pred_bin, tumor_gt_bin)
+    kidney = metrics.score_masks(kidney_pred, kidney_gt)
+    tumor = metrics.score_masks(tumor_pred_bin, tumor_gt_bin)
     region = (np.asarray(kidney_gt) > 0) | tumor_gt_bin | tumor_pred_bin
     accuracy_in_kidney = float(np.mean(tumor_pred_bin[region] == tumor_gt_bin[region])) if region.any() else np.nan
     inst = metrics.instance_scores(list(tumor_pred_labels), list(tumor_gt_labels))

@@ -48,7 +48,7 @@ def test_mean_and_pooled_differ_as_documented():
     small_p = np.zeros((10, 10), bool)  # misses the tiny object: IoU 0
     big_t = np.zeros((10, 10), bool); big_t[:5] = True
     big_p = big_t.copy()  # perfect: IoU 1
-    s = metrics.summarise([small_p, big_p], [small_t, big_t])
+    s = metrics.score_masks([small_p, big_p], [small_t, big_t])
     assert s["mean_iou"] == pytest.approx(0.5)
     assert s["pooled_iou"] == pytest.approx(50 / 51)
     assert s["n_images"] == 2 and s["mean_iou_n_images"] == 2
@@ -59,14 +59,14 @@ def test_per_image_means_skip_undefined_images_and_count_them():
     empty = np.zeros((4, 4), bool)
     target = np.zeros((4, 4), bool); target[:2, :2] = True  # 4 pixels
     half = np.zeros((4, 4), bool); half[:2, :1] = True  # 2 of them: Dice 2*2 / (2 + 4)
-    s = metrics.summarise([empty, target, half], [empty, target, target])
+    s = metrics.score_masks([empty, target, half], [empty, target, target])
     assert s["mean_dice"] == pytest.approx((1.0 + 4 / 6) / 2)  # was (1 + 1 + 4/6) / 3
     assert s["mean_dice_n_images"] == 2 and s["mean_iou_n_images"] == 2 and s["n_images"] == 3
     assert s["mean_precision_n_images"] == 2 and s["mean_recall_n_images"] == 2
     assert s["mean_accuracy_n_images"] == 3  # accuracy is defined on every image
     assert s["pooled_dice"] == pytest.approx(2 * 6 / (6 + 8))
     assert (s["n_predicted_pixels"], s["n_target_pixels"]) == (6, 8)
-    none = metrics.summarise([empty, empty], [empty, empty])
+    none = metrics.score_masks([empty, empty], [empty, empty])
     assert math.isnan(none["mean_dice"]) and none["mean_dice_n_images"] == 0 and math.isnan(none["pooled_dice"])
 
 
@@ -151,7 +151,7 @@ def _half_tumor_free_set():
 def test_a_detector_that_finds_nothing_scores_zero_not_half():
     """Issue 17: per-crop Dice with "both empty = 1" gave such a detector Dice 0.5 and precision 1."""
     pred, gt = _half_tumor_free_set()
-    pixels = metrics.summarise([p > 0 for p in pred], [g > 0 for g in gt])
+    pixels = metrics.score_masks([p > 0 for p in pred], [g > 0 for g in gt])
     assert pixels["mean_dice"] == 0.0  # was 0.5: the tumour-free crops each added a Dice of 1
     assert pixels["pooled_dice"] == 0.0 and math.isnan(pixels["pooled_precision"])
     inst = metrics.instance_scores(pred, gt)

@@ -52,7 +52,7 @@ def test_training_drives_loss_down_and_iou_up(data, tmp_path):
     assert list(pd.read_csv(tmp_path / train.HISTORY_FILE).columns)[:1] == ["epoch"]
     probabilities = train.predict_probabilities(result.model, vx)
     assert probabilities.shape == vx.shape
-    assert metrics.summarise(probabilities > 0.5, vy)["mean_dice"] > 0.3
+    assert metrics.score_masks(probabilities > 0.5, vy)["mean_dice"] > 0.3
 
 
 def test_resume_ends_where_an_uninterrupted_run_ends(data, tmp_path):
