@@ -99,9 +99,7 @@ def _instances(label_map: np.ndarray, max_instances: int) -> tuple[np.ndarray, n
     return ids.astype(np.int32), np.asarray(boxes, np.float32).reshape(-1, 4)
 
 
-# ----------------------------------------------------------------------------- the model
-
-# --------------------------------------------------------------------------- the Model Garden model and its input
+# ----------------------------------------------------------------------------- the Model Garden model and its input
 
 def model_garden_task_config(config: MaskRCNNConfig):
     """The Model Garden ``MaskRCNNTask`` config for ``config``: backbone, FPN, heads, sampler, parser, losses."""
@@ -218,6 +216,8 @@ def training_dataset(config: MaskRCNNConfig, parser_config, crops: np.ndarray, l
     ds = ds.batch(c.batch_size, drop_remainder=True)
     return ds.prefetch(2)
 
+
+# ----------------------------------------------------------------------------- the wrapper: train, predict, save
 
 class TumorMaskRCNN:
     """Model Garden Mask R-CNN for tumour instances in kidney crops (section III.B).
@@ -376,32 +376,9 @@ class TumorMaskRCNN:
 
     # -- inference -----------------------------------------------------------------------
     def _get_predict_fn(self):
-        import tensorflow as tf
-        from official.vision.ops import preprocess_ops
-
-        if self._predict_fn is not None:
-            return self._predict_fn
-        model, s = self.model, self.config.crop_size
-
-        def preprocess(image):  # [S, S] in 0..255, exactly as the training parser does
-            image = tf.tile(image[..., None] / 255.0, [1, 1, 3])
-            image = preprocess_ops.normalize_image(image)
-            image, info = preprocess_ops.resize_and_crop_image(
-                image, [s, s], padded_size=[s, s], aug_scale_min=1.0, aug_scale_max=1.0)
-            return image, info
-
-        # One fixed input shape (batches padded to PREDICT_BATCH): one trace, and the same
-        # graph, hence bit-identical outputs, whatever was predicted before.
-        @tf.function(input_signature=[tf.TensorSpec([PREDICT_BATCH, s, s], tf.float32)])
-        def predict_fn(images):
-            batch, info = tf.map_fn(preprocess, images, fn_output_signature=(
-                tf.TensorSpec([s, s, 3], tf.float32), tf.TensorSpec([4, 2], tf.float32)))
-            out = model(batch, image_shape=info[:, 1, :], training=False)
-            return {k: out[k] for k in ("detection_boxes", "detection_scores", "detection_classes",
-                                        "num_detections", "detection_masks")}
-
-        self._predict_fn = predict_fn
-        return predict_fn
+        if self._predict_fn is None:
+            self._predict_fn = inference_function(self.model, self.config.crop_size)
+        return self._predict_fn
 
     def predict(self, images: Any, score_threshold: float | None = None) -> list[dict[str, np.ndarray]]:
         """Tumour instances per crop: ``boxes`` [n,4] yxyx pixels, ``scores`` [n], ``masks`` [n,S,S] bool.
@@ -426,16 +403,7 @@ class TumorMaskRCNN:
             padded = np.zeros((PREDICT_BATCH, s, s), np.float32)
             padded[: len(chunk)] = chunk
             out = {k: v.numpy() for k, v in fn(tf.constant(padded)).items()}
-            for j in range(len(chunk)):
-                n = int(out["num_detections"][j])
-                keep = (out["detection_scores"][j, :n] >= threshold) & (out["detection_classes"][j, :n] == 1)
-                boxes = out["detection_boxes"][j, :n][keep].astype(np.float32)
-                scores = out["detection_scores"][j, :n][keep].astype(np.float32)
-                order = np.argsort(-scores, kind="stable")
-                boxes, scores = boxes[order], scores[order]
-                probs = out["detection_masks"][j, :n][keep][order]
-                masks = paste_masks(probs, boxes, s, self.config.mask_paste)
-                results.append({"boxes": boxes, "scores": scores, "masks": masks})
+            results += [crop_detections(out, j, threshold, s, self.config.mask_paste) for j in range(len(chunk))]
         return results
 
     def predict_labels(self, images: Any, score_threshold: float | None = None, min_pixels: int = 1) -> np.ndarray:
@@ -557,6 +525,50 @@ class TumorMaskRCNN:
                 f"{folder}: checkpoint weights do not fit config {self.config.name!r} "
                 f"({self.config.architecture()}): {str(exc).splitlines()[0][:300]}") from None
         status.expect_partial()
+
+
+# ----------------------------------------------------------------------------- inference and paste-back
+
+def inference_function(model, crop_size: int):
+    """A ``tf.function`` from a batch of ``PREDICT_BATCH`` crops [B, S, S] (0..255) to Model Garden's
+    detections, preprocessed exactly as the training parser does."""
+    import tensorflow as tf
+    from official.vision.ops import preprocess_ops
+
+    s = crop_size
+
+    def preprocess(image):  # [S, S] in 0..255, exactly as the training parser does
+        image = tf.tile(image[..., None] / 255.0, [1, 1, 3])
+        image = preprocess_ops.normalize_image(image)
+        image, info = preprocess_ops.resize_and_crop_image(
+            image, [s, s], padded_size=[s, s], aug_scale_min=1.0, aug_scale_max=1.0)
+        return image, info
+
+    # One fixed input shape (batches padded to PREDICT_BATCH): one trace, and the same
+    # graph, hence bit-identical outputs, whatever was predicted before.
+    @tf.function(input_signature=[tf.TensorSpec([PREDICT_BATCH, s, s], tf.float32)])
+    def predict_fn(images):
+        batch, info = tf.map_fn(preprocess, images, fn_output_signature=(
+            tf.TensorSpec([s, s, 3], tf.float32), tf.TensorSpec([4, 2], tf.float32)))
+        out = model(batch, image_shape=info[:, 1, :], training=False)
+        return {k: out[k] for k in ("detection_boxes", "detection_scores", "detection_classes",
+                                    "num_detections", "detection_masks")}
+
+    return predict_fn
+
+
+def crop_detections(out: dict[str, np.ndarray], j: int, threshold: float, crop_size: int,
+                    mask_paste: str) -> dict[str, np.ndarray]:
+    """Crop ``j``'s tumour detections from a batch of Model Garden outputs (numpy): those scoring at
+    least ``threshold``, best first, each mask pasted into its box (:func:`paste_masks`)."""
+    n = int(out["num_detections"][j])
+    keep = (out["detection_scores"][j, :n] >= threshold) & (out["detection_classes"][j, :n] == 1)
+    boxes = out["detection_boxes"][j, :n][keep].astype(np.float32)
+    scores = out["detection_scores"][j, :n][keep].astype(np.float32)
+    order = np.argsort(-scores, kind="stable")
+    boxes, scores = boxes[order], scores[order]
+    probs = out["detection_masks"][j, :n][keep][order]
+    return {"boxes": boxes, "scores": scores, "masks": paste_masks(probs, boxes, crop_size, mask_paste)}
 
 
 def resolve_overlaps(detections: dict[str, np.ndarray], shape: Sequence[int], min_pixels: int = 1,

@@ -13,7 +13,7 @@ import pytest
 
 from kts.config import get_profile
 from kts.errors import KtsInputError
-from kts.maskrcnn import MaskRCNNConfig, TumorMaskRCNN, anchor_positives, detections_to_labels, paste_masks
+from kts.maskrcnn import MaskRCNNConfig, TumorMaskRCNN, anchor_positives, crop_detections, detections_to_labels, paste_masks
 
 QUICK, PAPER = get_profile("quick").maskrcnn, get_profile("paper").maskrcnn
 TRAIN_STEPS = 300  # issue 12's sanity bound: 32 crops overfitted to F1 >= 0.95 within 300 steps
@@ -55,6 +55,21 @@ def test_profiles_and_config_validation():
         MaskRCNNConfig(lr_schedule="step")
     with pytest.raises(ValueError, match="rpn_unmatched_threshold"):
         MaskRCNNConfig(rpn_match_threshold=0.3, rpn_unmatched_threshold=0.5)
+
+
+def test_crop_detections_keeps_tumours_above_the_threshold_best_first():
+    """Model Garden's padded batch outputs -> one crop's detections: class 1 only, score >= threshold, sorted."""
+    probs = np.zeros((2, 4, 28, 28), np.float32)
+    probs[1] = 1.0
+    out = {"num_detections": np.array([0, 3]), "detection_classes": np.array([[0, 0, 0, 0], [1, 0, 1, 1]]),
+           "detection_scores": np.array([[0, 0, 0, 0], [0.6, 0.99, 0.9, 0.2]], np.float32),
+           "detection_boxes": np.array([np.zeros((4, 4)), [[0, 0, 8, 8], [0, 0, 4, 4], [10, 10, 20, 30], [1, 1, 2, 2]]],
+                                       np.float32), "detection_masks": probs}
+    crop = crop_detections(out, 1, 0.5, 32, "exact")
+    np.testing.assert_allclose(crop["scores"], [0.9, 0.6])  # class 0 and the 4th (past num_detections) dropped
+    assert crop["boxes"][0].tolist() == [10, 10, 20, 30] and crop["masks"].shape == (2, 32, 32)
+    assert crop["masks"][0, 15, 20] and not crop["masks"][0, 5, 5] and crop["masks"][1, 4, 4]
+    assert crop_detections(out, 0, 0.5, 32, "exact")["masks"].shape == (0, 32, 32)
 
 
 def test_recipe_fields_reach_the_model_garden_config():
