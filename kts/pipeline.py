@@ -163,7 +163,9 @@ def run(profile: str = "paper", seed: int = 0, results: str | os.PathLike | None
                     raise NotebookFailed(f"{notebook.name}: cell {exc.exec_count} failed with "
                                          f"{exc.ename}: {exc.evalue}") from None
             timings[notebook.stem] = round(time.perf_counter() - t0, 1)
-            kts_io.write_json(stamp_path, {"stamp": stamp, "wall_s": timings[notebook.stem]})
+            # the commit the notebook ran at: kts publish gives it to the notebook's copy
+            kts_io.write_json(stamp_path, {"stamp": stamp, "wall_s": timings[notebook.stem],
+                                           "git_commit": config.git_commit()})
             print(f"[{i}/{len(notebooks)}] {notebook.name}: done in {timings[notebook.stem]:.0f} s", flush=True)
     finally:
         for key, value in saved_env.items():

@@ -164,7 +164,9 @@ def publish(runs: str | os.PathLike, dest: str | os.PathLike, profile: str = "pa
             only: Iterable[str] | None = None) -> list[Path]:
     """Publish every numbered notebook's executed copy in ``runs`` into ``dest`` (plus a README index).
 
-    ``only`` (notebook prefixes, e.g. ``["07"]``) republishes those and keeps every other copy already
+    A copy takes the commit ``kts run`` recorded in its stamp (``<notebook>.stamp.json``), else the run's
+    ``provenance["git_commit"]``. ``only`` (notebook prefixes, e.g. ``["07"]``) republishes those and keeps
+    every other copy already
     in ``dest`` as it is, with the commit of the run that executed it (``metadata.kts``; the index
     gives each notebook's commit when they differ). Every copy is checked before any is written: a
     missing notebook, one run under another profile or seed, or any refusal of
@@ -196,8 +198,11 @@ def publish(runs: str | os.PathLike, dest: str | os.PathLike, profile: str = "pa
         except Exception as exc:  # nbformat raises several types for a damaged file
             raise ValueError(f"{executed}: not a readable notebook ({exc})") from None
         copy = publish_notebook(notebook, source.name, paths, forbidden, names)
-        if republish:
+        if republish:  # the commit its run recorded beside it (kts run's stamp), else the run's
             copy.metadata["kts"] = {key: provenance[key] for key in ("git_commit", "note") if provenance.get(key)}
+            ran_at = _stamp(runs / (source.stem + pipeline.STAMP_SUFFIX)).get("git_commit")
+            if ran_at:
+                copy.metadata["kts"]["git_commit"] = ran_at
             fresh.append(source.name)
         else:
             if code_cells(copy) != code_cells(nbformat.read(source, as_version=4)):
@@ -226,6 +231,16 @@ def publish(runs: str | os.PathLike, dest: str | os.PathLike, profile: str = "pa
                 nbformat.write(copy, tmp)
     kts_io.write_text(dest / "README.md", index_markdown(rows, profile, parameters or {}, provenance))
     return written
+
+
+def _stamp(path: Path) -> dict:
+    """``kts run``'s stamp beside an executed notebook (empty if there is none or it is unreadable)."""
+    import json
+
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def code_cells(notebook) -> list[str]:

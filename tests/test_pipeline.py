@@ -207,3 +207,5 @@ def test_a_partial_run_keeps_the_other_notebooks_wall_times(tmp_path):
     walls = metrics["provenance"]["wall_s_per_notebook"]
     assert list(walls) == ["01_first", "02_second"] and walls["01_first"] == 12.5 and walls["02_second"] < 99.0
     assert metrics["provenance"]["wall_s_total"] == pytest.approx(12.5 + walls["02_second"], abs=0.11)
+    stamp = json.loads((tmp_path / "runs" / ("02_second" + pipeline.STAMP_SUFFIX)).read_text())
+    assert stamp["git_commit"] == metrics["provenance"]["git_commit"]  # kts publish gives it to the copy

@@ -157,6 +157,16 @@ def test_publish_only_some_keeps_the_other_copies_with_their_runs_commit(runs, t
         publish.publish(runs, dest, only=[names[-1][:2]])
 
 
+def test_a_copy_takes_the_commit_its_run_recorded_beside_it(runs, tmp_path):
+    """A notebook run on its own (kts run --only, at another commit) keeps the commit in its stamp."""
+    name = pipeline.list_notebooks()[-1]
+    (runs / (name.stem + pipeline.STAMP_SUFFIX)).write_text('{"stamp": "x", "git_commit": "%s"}' % ("c" * 40))
+    publish.publish(runs, tmp_path / "docs", provenance={"git_commit": "b" * 40, "cpu_count": 2})
+    assert nbformat.read(tmp_path / "docs" / name.name, as_version=4).metadata["kts"]["git_commit"] == "c" * 40
+    assert nbformat.read(tmp_path / "docs" / pipeline.list_notebooks()[0].name,
+                         as_version=4).metadata["kts"]["git_commit"] == "b" * 40
+
+
 def test_an_index_of_one_run_names_its_commit_once():
     rows = [("01.ipynb", {"figures": 1, "tables": 0, "duration_s": 60.0, "git_commit": "c" * 40})]
     text = publish.index_markdown(rows, "paper", {"SEED": 0}, {"cpu_count": 2, "note": "n"})
