@@ -374,10 +374,10 @@ def goal_values(results: str | os.PathLike) -> dict[str, dict[str, Any]]:
         if "test_hard_dice" in contrasts.columns:
             measured["hard_difficulty_dice"] = [float(contrasts.groupby("intensity")["test_hard_dice"].min().max())]
         if "s_per_epoch" in contrasts.columns:
-            seconds = contrasts.set_index(["held_out", "intensity"])["s_per_epoch"].unstack()
-            if {"none", "synth"} <= set(seconds.columns):
-                measured["synth_epoch_time_ratio"] = [float(v) for v in seconds["synth"] / seconds["none"]
-                                                      if v == v]
+            from kts.contrasts import epoch_time_ratio
+
+            ratios = epoch_time_ratio(contrasts)[contrasts["intensity"] == "synth"]
+            measured["synth_epoch_time_ratio"] = [float(v) for v in ratios if v == v]
     metrics = json.loads((results / "metrics.json").read_text()) if (results / "metrics.json").exists() else {}
     walls = metrics.get("provenance", {}).get("wall_s_per_notebook", {})
     n_seeds = metrics.get("notebooks", {}).get("05_table1_split_study", {}).get("n_seeds")
