@@ -16,7 +16,12 @@ slice, ``kts.phantom.tissue_label_maps``), in this order:
    random within-label texture (smooth noise of a random per-label s.d.);
 3. a random multiplicative bias field (smooth, log-normal);
 4. random blur (Gaussian) and a random acquisition resolution (down- and up-sampling);
-5. a random gamma; 6. Rician noise of a random level;
+5. for a share ``p_mixing_curve`` of the draws, a random non-monotone curve on the blurred grey levels
+   (:func:`kts.train.random_lut`): a partial-volume pixel then takes a level that neither tissue has,
+   as MR signal that is not a linear mix of its tissues' does (the dark rims of opposed-phase imaging
+   at fat-water interfaces are one case, and the phantom's T1-pre is opposed-phase: this step knows
+   that kind of artefact exists, not the left-out weighting's grey levels); then a random gamma;
+6. Rician noise of a random level;
 7. the percentile normalisation the real slices get (``kts.data.normalise``), to 0..1.
 
 Every draw is a stateless random op keyed by the item's seed, so training stays deterministic
@@ -34,7 +39,7 @@ import math
 class SynthConfig:
     """The ranges of every random draw of :func:`synthesise` (uniform unless said otherwise)."""
 
-    p_synthetic: float = 0.5                  # share of training items re-synthesised
+    p_synthetic: float = 0.8                  # share of training items re-synthesised
     rotation_deg: float = 15.0                # +- rotation
     scale: tuple[float, float] = (0.75, 1.30)  # zoom: the body fills part of, or all of, the frame
     shift: float = 0.08                       # +- shift, fraction of the frame
@@ -48,10 +53,13 @@ class SynthConfig:
     gamma_sd: float = 0.30                    # s.d. of log(gamma)
     noise: tuple[float, float] = (0.0, 0.06)  # Rician noise sigma (fraction of the grey range)
     percentiles: tuple[float, float] = (0.5, 99.5)  # as kts.data.DEFAULT_PERCENTILES
+    p_mixing_curve: float = 0.5               # share of drawn images whose blurred (partial-volume) grey levels
+    #                                           pass a random non-monotone curve (kts.train.random_lut)
 
     def __post_init__(self):
-        if not 0.0 <= self.p_synthetic <= 1.0:
-            raise ValueError(f"p_synthetic must be in [0, 1], got {self.p_synthetic!r}")
+        for name in ("p_synthetic", "p_mixing_curve"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
         for name in ("scale", "texture_sd", "blur_px", "downsample", "noise", "percentiles"):
             low, high = getattr(self, name)
             if not low <= high:
@@ -147,6 +155,11 @@ def synthesise(labels, mask, seed, n_labels: int, config: SynthConfig = DEFAULT)
     # 5. gamma on the 0..1 range
     image = image - tf.reduce_min(image)
     image = image / tf.maximum(tf.reduce_max(image), 1e-6)
+    if c.p_mixing_curve > 0:
+        from kts.train import random_lut
+
+        curved = tf.random.stateless_uniform([], seed=key[14]) < c.p_mixing_curve
+        image = tf.where(curved, random_lut(image, key[15]), image)
     image = tf.pow(image + 1e-6, tf.exp(tf.random.stateless_normal([], seed=key[10]) * c.gamma_sd))
     # 6. Rician noise
     sigma = _uniform(key[11], c.noise[0], c.noise[1])

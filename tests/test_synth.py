@@ -8,7 +8,7 @@ from kts import config, phantom, synth, train
 
 FIXED = synth.SynthConfig(p_synthetic=1.0, rotation_deg=0.0, scale=(1.0, 1.0), shift=0.0, elastic_px=0.0,
                           texture_sd=(0.0, 0.0), bias_sd=0.0, blur_px=(0.0, 0.0), downsample=(1.0, 1.0),
-                          gamma_sd=0.0, noise=(0.0, 0.0))
+                          gamma_sd=0.0, noise=(0.0, 0.0), p_mixing_curve=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +62,22 @@ def test_bad_synth_config_is_refused():
         synth.SynthConfig(p_synthetic=1.5)
     with pytest.raises(ValueError, match="scale"):
         synth.SynthConfig(scale=(1.2, 0.9))
+    with pytest.raises(ValueError, match="p_mixing_curve"):
+        synth.SynthConfig(p_mixing_curve=-0.1)
+
+
+def test_the_mixing_curve_remaps_grey_levels_and_keeps_labels_flat():
+    import tensorflow as tf
+
+    labels, mask = _labels()
+    seed = tf.constant([1, 2], tf.int64)
+    plain = synth.synthesise(tf.constant(labels), tf.constant(mask), seed, 6, FIXED)[0].numpy()[..., 0]
+    curved = synth.synthesise(tf.constant(labels), tf.constant(mask), seed, 6,
+                              dataclasses.replace(FIXED, p_mixing_curve=1.0))[0].numpy()[..., 0]
+    assert not np.allclose(plain, curved)
+    for label in (0, 3, 5):  # without blur a label is still one grey level: the curve maps levels to levels
+        assert np.ptp(curved[labels == label]) < 1e-4, label
+    assert 0.0 <= curved.min() and curved.max() <= 1.0
 
 
 def test_phantom_tissue_maps_align_with_the_dataset(small):
@@ -96,3 +112,4 @@ def test_synth_pipeline_is_seeded_and_p0_is_the_paper_pipeline(small):
     assert changed >= 1
     with pytest.raises(ValueError, match="tissue_labels"):
         train.make_dataset(x, y, batch_size=4, seed=3, intensity="synth")
+
