@@ -198,6 +198,8 @@ def publish(runs: str | os.PathLike, dest: str | os.PathLike, profile: str = "pa
         except Exception as exc:  # nbformat raises several types for a damaged file
             raise ValueError(f"{executed}: not a readable notebook ({exc})") from None
         copy = publish_notebook(notebook, source.name, paths, forbidden, names)
+        current = nbformat.read(source, as_version=4)
+        sync_narrative(copy, current)
         if republish:  # the commit its run recorded beside it (kts run's stamp), else the run's
             copy.metadata["kts"] = {key: provenance[key] for key in ("git_commit", "note") if provenance.get(key)}
             ran_at = _stamp(runs / (source.stem + pipeline.STAMP_SUFFIX)).get("git_commit")
@@ -205,7 +207,7 @@ def publish(runs: str | os.PathLike, dest: str | os.PathLike, profile: str = "pa
                 copy.metadata["kts"]["git_commit"] = ran_at
             fresh.append(source.name)
         else:
-            if code_cells(copy) != code_cells(nbformat.read(source, as_version=4)):
+            if code_cells(copy) != code_cells(current):
                 raise ValueError(f"{executed}: out of date with {source.name} (other code); re-run it and "
                                  "include it in --only")
             if not copy.metadata.get("kts", {}).get("git_commit"):  # a copy of unknown provenance
@@ -225,7 +227,7 @@ def publish(runs: str | os.PathLike, dest: str | os.PathLike, profile: str = "pa
         with kts_io.atomic_path(dest / name) as tmp:
             nbformat.write(published[name], tmp)
         written.append(dest / name)
-    for name, copy in published.items():  # kept copies gain metadata.kts once; otherwise untouched
+    for name, copy in published.items():  # kept copies gain metadata.kts once and today's narrative; else untouched
         if name not in fresh and nbformat.writes(copy) != (dest / name).read_text():
             with kts_io.atomic_path(dest / name) as tmp:
                 nbformat.write(copy, tmp)
@@ -241,6 +243,19 @@ def _stamp(path: Path) -> dict:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
+
+
+def sync_narrative(copy, current) -> bool:
+    """Give an executed copy the current notebook's markdown cells where its code is the current code:
+    mending a sentence of the narrative needs no re-run. False, and the copy untouched, where the code
+    or the layout of the cells differs (the copy then shows the narrative it ran with)."""
+    ran = [cell for cell in copy.cells if "injected-parameters" not in cell.metadata.get("tags", [])]
+    if [c.cell_type for c in ran] != [c.cell_type for c in current.cells] or code_cells(copy) != code_cells(current):
+        return False
+    for cell, now in zip(ran, current.cells):
+        if cell.cell_type == "markdown":
+            cell.source = now.source
+    return True
 
 
 def code_cells(notebook) -> list[str]:

@@ -157,6 +157,32 @@ def test_publish_only_some_keeps_the_other_copies_with_their_runs_commit(runs, t
         publish.publish(runs, dest, only=[names[-1][:2]])
 
 
+def test_copies_show_the_current_narrative_where_their_code_is_current(runs, tmp_path, monkeypatch):
+    """A sentence mended in a notebook's markdown reaches its published copy without a re-run (kept
+    copies too); a copy whose code differs keeps the narrative it ran with."""
+    names = [p.name for p in pipeline.list_notebooks()]
+    sources = tmp_path / "notebooks"
+    sources.mkdir()
+    for name in names:
+        current = _executed(name)
+        current.cells[0].source = "# the mended title"
+        nbformat.write(current, sources / name)
+    other = nbformat.read(sources / names[1], as_version=4)
+    other.cells[1].source = "print('other code')"
+    nbformat.write(other, sources / names[1])
+    monkeypatch.setattr(pipeline, "list_notebooks", lambda folder=None: [sources / n for n in names])
+    dest = tmp_path / "docs"
+    publish.publish(runs, dest, provenance={"git_commit": "a" * 40, "cpu_count": 2})
+    copy = nbformat.read(dest / names[0], as_version=4)
+    assert copy.cells[0].source == "# the mended title" and copy.cells[2].outputs  # outputs kept
+    assert nbformat.read(dest / names[1], as_version=4).cells[0].source == "# title"
+    nbformat.write(_executed(names[0]), dest / names[0])  # a kept copy (publish --only another) gains it too
+    other.cells[1].source = "print('hello')"  # (kept copies must have the current code)
+    nbformat.write(other, sources / names[1])
+    publish.publish(runs, dest, provenance={"git_commit": "b" * 40, "cpu_count": 2}, only=[names[-1][:2]])
+    assert nbformat.read(dest / names[0], as_version=4).cells[0].source == "# the mended title"
+
+
 def test_a_copy_takes_the_commit_its_run_recorded_beside_it(runs, tmp_path):
     """A notebook run on its own (kts run --only, at another commit) keeps the commit in its stamp."""
     name = pipeline.list_notebooks()[-1]
