@@ -73,7 +73,21 @@ def run_one(dataset, held_out: str, seed: int, profile: Profile, work_dir: str |
     run_dir = Path(work_dir) / f"without-{held_out}{'' if intensity == 'none' else '-' + intensity}-seed{seed}"
     needs = ("s_per_epoch",) + (("test_hard_dice",) if hard is not None else ())
     return resumable(run_dir, lambda folder: _train_and_score(dataset, held_out, seed, profile, folder, intensity, hard),
-                     needs=needs)
+                     needs=needs, settings=recipe(profile, intensity))
+
+
+def recipe(profile: Profile, intensity: str) -> dict:
+    """What a run's training depends on besides its data and seed: the CU-Net's size, its training recipe
+    (``kts.config.TrainConfig``) and, for ``"synth"``, every range of the synthesis (``kts.synth.SynthConfig``)."""
+    import dataclasses
+
+    from kts import synth
+
+    settings = {"cunet_base_filters": profile.cunet_base_filters,
+                "training": dataclasses.asdict(profile.cunet_config(intensity=intensity))}
+    if intensity == "synth":
+        settings["synth"] = dataclasses.asdict(synth.DEFAULT)
+    return settings
 
 
 def hard_dataset(profile: Profile, seed: int = 0):

@@ -21,17 +21,21 @@ RECORD_FILE = "metrics.json"
 
 
 def resumable(run_dir: str | os.PathLike, body: Callable[[Path], dict[str, Any]],
-              needs: Iterable[str] = ()) -> dict[str, Any]:
+              needs: Iterable[str] = (), settings: dict[str, Any] | None = None) -> dict[str, Any]:
     """``body(run_dir)`` -> the run's record, unless a record scored under the current rule exists.
 
     A record lacking one of the keys in ``needs`` (a score asked for after the run finished) is
     rescored like one of an older rule. The record gets ``wall_s`` (the body's time, or the earlier
     training's when rescored) and ``scoring``; keys the body already holds keep their place, so
-    tables keep their column order.
+    tables keep their column order. ``settings`` (what the training depends on, JSON-able: its
+    recipe) are kept in the folder's ``settings.json``; a folder whose run had other settings,
+    finished or not, is refused (``ValueError`` naming it and what differs), never silently reused.
     """
     from kts.metrics import SCORING
 
     run_dir = Path(run_dir)
+    if settings is not None:
+        _check_settings(run_dir, settings)
     done = run_dir / RECORD_FILE
     previous = json.loads(done.read_text()) if done.exists() else None
     if previous is not None and previous.get("scoring") == SCORING and all(key in previous for key in needs):
@@ -45,6 +49,38 @@ def resumable(run_dir: str | os.PathLike, body: Callable[[Path], dict[str, Any]]
         record["wall_s"] = previous["wall_s"]
     kts_io.write_json(done, record)
     return record
+
+
+SETTINGS_FILE = "settings.json"
+
+
+def _check_settings(run_dir: Path, settings: dict[str, Any]) -> None:
+    """Write ``settings.json`` into a new run folder; refuse a used folder whose settings differ."""
+    settings = json.loads(json.dumps(settings))  # as read back: tuples become lists
+    path = run_dir / SETTINGS_FILE
+    if path.exists():
+        try:
+            saved = json.loads(path.read_text())
+        except ValueError:
+            raise ValueError(f"{path}: not readable JSON; delete the folder {run_dir} to run afresh") from None
+    elif run_dir.is_dir() and any(run_dir.iterdir()):
+        saved = {}  # a run from before kts kept its settings
+    else:
+        kts_io.write_json(path, settings)
+        return
+    differ = sorted(_differences(saved, settings))
+    if differ:
+        raise ValueError(f"{run_dir}: this run was made with other settings ({'; '.join(differ)}); delete the "
+                         "folder to run afresh with these, or give the study another work folder")
+
+
+def _differences(saved, now, prefix: str = ""):
+    """``"key: saved there, now here"`` for every leaf that differs (nested dicts are walked)."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        for key in sorted(set(saved) | set(now)):
+            yield from _differences(saved.get(key, "(none)"), now.get(key, "(none)"), f"{prefix}{key}.")
+    elif saved != now:
+        yield f"{prefix.rstrip('.') or 'settings'}: {saved!r} there, {now!r} now"
 
 
 def run_all(items: Iterable[Any], run: Callable[[Any], dict[str, Any]],

@@ -112,3 +112,17 @@ def test_the_hard_condition_is_other_anatomy_drawn_from_the_phantom(monkeypatch,
     monkeypatch.setattr(workflow, "prepare_dataset", lambda profile, seed, source_root: (("dataset", source_root), None))
     assert contrasts.hard_dataset(config.get_profile("quick"), seed=1) == ("dataset", tmp_path)
     assert calls == [("hard", contrasts.HARD_SEED_OFFSET + 1)]
+
+
+def test_a_runs_recipe_names_what_its_training_depends_on():
+    """The settings kept beside each run (kts.runs.resumable): a changed synth range is a new recipe."""
+    import dataclasses
+
+    from kts import config, synth
+
+    profile = config.get_profile("quick")
+    paper_recipe = contrasts.recipe(profile, "none")
+    assert paper_recipe["training"]["intensity"] == "none" and "synth" not in paper_recipe
+    assert paper_recipe["cunet_base_filters"] == profile.cunet_base_filters
+    assert contrasts.recipe(profile, "synth")["synth"] == dataclasses.asdict(synth.DEFAULT)
+    assert contrasts.recipe(profile, "synth")["training"]["intensity"] == "synth"

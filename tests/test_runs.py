@@ -38,6 +38,29 @@ def test_a_record_lacking_a_needed_score_is_rescored(tmp_path):
     assert again == {"dice": 0.7, "hard_dice": 0.6, "scoring": metrics.SCORING, "wall_s": 321.0}
 
 
+def test_a_run_made_with_other_settings_is_refused_not_reused(tmp_path):
+    """Notebook 07 after a change of the synth recipe: the old run's record must not stand for the new recipe."""
+    calls = []
+
+    def body(folder):
+        calls.append(folder)
+        return {"dice": 0.7}
+
+    recipe = {"training": {"epochs": 100, "scale": (0.75, 1.3)}, "synth": {"p_synthetic": 0.8}}
+    first = runs.resumable(tmp_path / "a", body, settings=recipe)
+    assert json.loads((tmp_path / "a" / runs.SETTINGS_FILE).read_text())["training"]["scale"] == [0.75, 1.3]
+    assert runs.resumable(tmp_path / "a", body, settings=recipe) == first and len(calls) == 1  # tuples as lists
+    other = {**recipe, "synth": {"p_synthetic": 0.5}}
+    with pytest.raises(ValueError, match=r"a: this run was made with other settings \(synth.p_synthetic: 0.8 "
+                                         r"there, 0.5 now\); delete the folder"):
+        runs.resumable(tmp_path / "a", body, settings=other)
+    (tmp_path / "b").mkdir()  # a run from before kts kept its settings
+    (tmp_path / "b" / runs.RECORD_FILE).write_text(json.dumps({"dice": 0.5, "scoring": metrics.SCORING}))
+    with pytest.raises(ValueError, match="training: '\\(none\\)' there"):
+        runs.resumable(tmp_path / "b", body, settings=recipe)
+    assert len(calls) == 1
+
+
 def test_a_failed_run_leaves_no_record(tmp_path):
     def body(folder):
         raise RuntimeError("out of memory")
