@@ -225,9 +225,14 @@ class Profile:
     contrasts_left_out: tuple[str, ...] = ("t1_post", "t2", "t1_pre")
 
     def cunet_config(self, epochs: int | None = None, intensity: str | None = None) -> TrainConfig:
-        """The profile's CU-Net recipe (section IV), with another epoch budget or intensity recipe if given."""
-        return dataclasses.replace(self.cunet_training, epochs=epochs or self.cunet_training.epochs,
-                                   intensity=intensity or self.cunet_training.intensity)
+        """The profile's CU-Net recipe (section IV), with another epoch budget or intensity recipe if given;
+        the ``"synth"`` recipe trains on a longer schedule (:func:`kts.synth.schedule`)."""
+        config = dataclasses.replace(self.cunet_training, intensity=intensity or self.cunet_training.intensity)
+        if config.intensity == "synth":
+            from kts import synth
+
+            config = synth.schedule(config)
+        return dataclasses.replace(config, epochs=epochs or config.epochs)
 
 
 PROFILES: dict[str, Profile] = {

@@ -113,3 +113,13 @@ def test_synth_pipeline_is_seeded_and_p0_is_the_paper_pipeline(small):
     with pytest.raises(ValueError, match="tissue_labels"):
         train.make_dataset(x, y, batch_size=4, seed=3, intensity="synth")
 
+
+
+def test_the_synth_recipe_trains_on_a_longer_schedule():
+    paper = config.get_profile("paper")
+    plain, drawn = paper.cunet_config(intensity="none"), paper.cunet_config(intensity="synth")
+    assert plain == paper.cunet_training
+    assert (drawn.epochs, drawn.early_stopping_patience, drawn.reduce_lr_patience) == (
+        2 * plain.epochs, 3 * plain.early_stopping_patience, 2 * plain.reduce_lr_patience)
+    assert drawn.learning_rate == plain.learning_rate and drawn.intensity == "synth"
+    assert paper.cunet_config(epochs=7, intensity="synth").epochs == 7  # an explicit budget wins
