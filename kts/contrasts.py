@@ -63,7 +63,7 @@ def run_one(dataset, held_out: str, seed: int, profile: Profile, work_dir: str |
     :func:`kts.runs.resumable`).
 
     ``intensity``: ``"none"`` is the paper's recipe; ``"random_lut"`` adds random intensity
-    curves to training (``kts.train.random_lut``), the usual remedy for unseen contrasts;
+    curves to training (``kts.synth.random_lut``), the usual remedy for unseen contrasts;
     ``"synth"`` re-synthesises training images from the phantom's tissue label maps (``kts.synth``).
     ``hard``: a phantom at hard difficulty (:func:`hard_dataset`); the model is then
     also scored on its cases of the weightings it trained on (``test_hard_*``, ``hard_gap``).

@@ -17,7 +17,7 @@ slice, ``kts.phantom.tissue_label_maps``), in this order:
 3. a random multiplicative bias field (smooth, log-normal);
 4. random blur (Gaussian) and a random acquisition resolution (down- and up-sampling);
 5. for a share ``p_mixing_curve`` of the draws, a random non-monotone curve on the blurred grey levels
-   (:func:`kts.train.random_lut`): a partial-volume pixel then takes a level that neither tissue has,
+   (:func:`random_lut`): a partial-volume pixel then takes a level that neither tissue has,
    as MR signal that is not a linear mix of its tissues' does (the dark rims of opposed-phase imaging
    at fat-water interfaces are one case, and the phantom's T1-pre is opposed-phase: this step knows
    that kind of artefact exists, not the left-out weighting's grey levels); then a random gamma;
@@ -27,7 +27,9 @@ slice, ``kts.phantom.tissue_label_maps``), in this order:
 Every draw is a stateless random op keyed by the item's seed, so training stays deterministic
 (one seed fixes everything) and a resumed run sees the same images. All parameters live in
 :class:`SynthConfig`. The recipe is opt-in: ``TrainConfig(intensity="synth")`` re-synthesises a
-share ``p_synthetic`` of the training items and leaves the rest as they are.
+share ``p_synthetic`` of the training items and leaves the rest as they are. The recipe's longer
+schedule is ``kts.config.SYNTH_SCHEDULE``. :func:`random_lut`, the random intensity curves of
+errata A4 (``TrainConfig(intensity="random_lut")``, on real slices), lives here too: step 5 reuses it.
 """
 from __future__ import annotations
 
@@ -54,7 +56,7 @@ class SynthConfig:
     noise: tuple[float, float] = (0.0, 0.06)  # Rician noise sigma (fraction of the grey range)
     percentiles: tuple[float, float] = (0.5, 99.5)  # as kts.data.DEFAULT_PERCENTILES
     p_mixing_curve: float = 0.5               # share of drawn images whose blurred (partial-volume) grey levels
-    #                                           pass a random non-monotone curve (kts.train.random_lut)
+    #                                           pass a random non-monotone curve (random_lut)
 
     def __post_init__(self):
         for name in ("p_synthetic", "p_mixing_curve"):
@@ -71,17 +73,21 @@ class SynthConfig:
 
 
 DEFAULT = SynthConfig()
+LUT_POINTS = 6  # control points of the random intensity curve (random_lut)
 
-# The synth recipe's schedule: the profile's, stretched. Its images change every epoch, so the validation
-# loss on real slices keeps falling long after the paper's patience would have stopped (paper profile, T1-pre
-# left out: stopped at epoch 53 with patience 10; still improving at epoch 146 with patience 30). SynthSeg
-# trains far longer still.
-SCHEDULE = {"epochs": 2, "early_stopping_patience": 3, "reduce_lr_patience": 2}  # factors
+def random_lut(image, seed):
+    """``image`` (values in 0..1) through a random piecewise-linear curve of ``LUT_POINTS`` points.
 
+    The curve need not be monotone, so tissue grey levels are reordered as between MR
+    weightings; the mapping depends only on ``seed`` (a stateless draw).
+    """
+    import tensorflow as tf
 
-def schedule(config):
-    """``config`` (a :class:`kts.config.TrainConfig`) with the synth recipe's longer schedule (:data:`SCHEDULE`)."""
-    return dataclasses.replace(config, **{name: getattr(config, name) * factor for name, factor in SCHEDULE.items()})
+    levels = tf.random.stateless_uniform([LUT_POINTS], seed=seed)
+    position = tf.clip_by_value(image, 0.0, 1.0) * (LUT_POINTS - 1)
+    low = tf.minimum(tf.cast(tf.floor(position), tf.int32), LUT_POINTS - 2)
+    t = position - tf.cast(low, position.dtype)
+    return tf.gather(levels, low) * (1.0 - t) + tf.gather(levels, low + 1) * t
 
 
 def _uniform(seed, low, high, shape=()):
@@ -167,8 +173,6 @@ def synthesise(labels, mask, seed, n_labels: int, config: SynthConfig = DEFAULT)
     image = image - tf.reduce_min(image)
     image = image / tf.maximum(tf.reduce_max(image), 1e-6)
     if c.p_mixing_curve > 0:
-        from kts.train import random_lut
-
         curved = tf.random.stateless_uniform([], seed=key[14]) < c.p_mixing_curve
         image = tf.where(curved, random_lut(image, key[15]), image)
     image = tf.pow(image + 1e-6, tf.exp(tf.random.stateless_normal([], seed=key[10]) * c.gamma_sd))

@@ -26,7 +26,6 @@ HISTORY_FILE = "history.csv"
 BEST_FILE = "best.keras"
 LAST_FILE = "last.keras"
 STATE_FILE = "state.json"
-LUT_POINTS = 6  # control points of the random intensity curve (intensity="random_lut")
 
 
 @dataclasses.dataclass
@@ -76,21 +75,6 @@ def prepare_masks(masks) -> np.ndarray:
     return (y > 0).astype(np.float32)
 
 
-def random_lut(image, seed):
-    """``image`` (values in 0..1) through a random piecewise-linear curve of ``LUT_POINTS`` points.
-
-    The curve need not be monotone, so tissue grey levels are reordered as between MR
-    weightings; the mapping depends only on ``seed`` (a stateless draw).
-    """
-    import tensorflow as tf
-
-    levels = tf.random.stateless_uniform([LUT_POINTS], seed=seed)
-    position = tf.clip_by_value(image, 0.0, 1.0) * (LUT_POINTS - 1)
-    low = tf.minimum(tf.cast(tf.floor(position), tf.int32), LUT_POINTS - 2)
-    t = position - tf.cast(low, position.dtype)
-    return tf.gather(levels, low) * (1.0 - t) + tf.gather(levels, low + 1) * t
-
-
 def make_dataset(images, masks, batch_size: int, seed: int, flip: str = "horizontal",
                  first_epoch: int = 0, epochs: int = 1, augment: bool = True, intensity: str = "none",
                  tissue_labels=None, synth_config=None):
@@ -99,7 +83,7 @@ def make_dataset(images, masks, batch_size: int, seed: int, flip: str = "horizon
     The order of epoch ``e`` depends only on ``(seed, e)`` (a stateless shuffle), so a run
     resumed at epoch ``e`` sees the very batches the uninterrupted run saw. With
     ``intensity="random_lut"`` every other image (by a stateless coin per epoch and item)
-    goes through :func:`random_lut`; with ``"synth"`` a share ``synth_config.p_synthetic``
+    goes through :func:`kts.synth.random_lut`; with ``"synth"`` a share ``synth_config.p_synthetic``
     (default :data:`kts.synth.DEFAULT`) is re-synthesised from ``tissue_labels`` (int [N, H, W],
     aligned with ``images``) by :func:`kts.synth.synthesise`, mask deformed alike.
     """
@@ -138,7 +122,7 @@ def make_dataset(images, masks, batch_size: int, seed: int, flip: str = "horizon
             if intensity == "random_lut":
                 item_seed = tf.stack([tf.cast(seed, tf.int64) * 1_000_003 + epoch, i])
                 coin = tf.random.stateless_uniform([], seed=item_seed + 1)
-                xi = tf.where(coin < 0.5, random_lut(xi, item_seed), xi)
+                xi = tf.where(coin < 0.5, synth.random_lut(xi, item_seed), xi)
             if intensity == "synth":
                 # the item's own streams: (seed, epoch, item) folded, then split for the coin and the draw
                 item_seed = tf.random.experimental.stateless_fold_in(

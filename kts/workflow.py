@@ -75,7 +75,7 @@ def train_kidney_stage(dataset, splits: dict, profile: Profile, out_dir: str | o
                        progress: bool = True):
     """Train the CU-Net on the training cases, watching the validation cases (section III.A.3).
 
-    ``intensity="random_lut"`` adds the random intensity curves of ``kts.train.random_lut``
+    ``intensity="random_lut"`` adds the random intensity curves of ``kts.synth.random_lut``
     (not in the paper; notebook 07), ``"synth"`` images re-synthesised from the phantom's tissue
     label maps (``kts.synth``, SynthSeg's domain randomisation). ``progress`` shows a bar over the epochs."""
     from kts.train import train_cunet

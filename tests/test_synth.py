@@ -121,5 +121,6 @@ def test_the_synth_recipe_trains_on_a_longer_schedule():
     assert plain == paper.cunet_training
     assert (drawn.epochs, drawn.early_stopping_patience, drawn.reduce_lr_patience) == (
         2 * plain.epochs, 3 * plain.early_stopping_patience, 2 * plain.reduce_lr_patience)
+    assert config.SYNTH_SCHEDULE == {"epochs": 2, "early_stopping_patience": 3, "reduce_lr_patience": 2}
     assert drawn.learning_rate == plain.learning_rate and drawn.intensity == "synth"
     assert paper.cunet_config(epochs=7, intensity="synth").epochs == 7  # an explicit budget wins
