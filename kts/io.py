@@ -78,6 +78,15 @@ def _json_default(value: object) -> object:
     raise TypeError(f"cannot write {type(value).__name__} as JSON")
 
 
+def differences(saved: Any, now: Any, prefix: str = "") -> list[str]:
+    """``"key: <saved> there, <now> now"`` for every leaf of two JSON-like settings that differs (nested
+    dicts are walked; a key one side lacks reads ``'(none)'``): what a resumed run's refusal names."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        return [line for key in sorted(set(saved) | set(now))
+                for line in differences(saved.get(key, "(none)"), now.get(key, "(none)"), f"{prefix}{key}.")]
+    return [] if saved == now else [f"{prefix.rstrip('.') or 'settings'}: {saved!r} there, {now!r} now"]
+
+
 def sha256_file(path: str | os.PathLike) -> str:
     """SHA-256 of a file's bytes, read in 1 MiB blocks."""
     import hashlib

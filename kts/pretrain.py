@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from kts import config as kts_config
-from kts.io import write_json
+from kts.io import differences, write_json
 
 CORPUS_SEED = 1000
 HELD_OUT_SEED = 1001
@@ -94,7 +94,8 @@ def pretrain(profile_name: str, out_dir: str | None = None, steps: int | None = 
     wanted = {"profile": profile_name, "steps": total, "n_cases": n_cases, "corpus_seed": CORPUS_SEED,
               "chunk_steps": chunk_steps, "seed": seed, "config": config.to_dict()}
     if state is not None and state.get("plan") != wanted:
-        raise ValueError(f"{out}: holds a pretraining with other settings ({STATE_FILE}); "
+        shown = "; ".join(differences(state.get("plan") or {}, json.loads(json.dumps(wanted))))
+        raise ValueError(f"{out}: holds a pretraining with other settings ({shown}; {STATE_FILE}); "
                          "remove the folder or pass another out_dir")
     if state is None:
         state = {"plan": wanted, "steps_done": 0, "seconds": 0.0, "losses": []}

@@ -165,10 +165,10 @@ def publish(runs: str | os.PathLike, dest: str | os.PathLike, profile: str = "pa
     """Publish every numbered notebook's executed copy in ``runs`` into ``dest`` (plus a README index).
 
     A copy takes the commit ``kts run`` recorded in its stamp (``<notebook>.stamp.json``), else the run's
-    ``provenance["git_commit"]``. ``only`` (notebook prefixes, e.g. ``["07"]``) republishes those and keeps
-    every other copy already
-    in ``dest`` as it is, with the commit of the run that executed it (``metadata.kts``; the index
-    gives each notebook's commit when they differ). Every copy is checked before any is written: a
+    ``provenance["git_commit"]``; it shows the current notebook's narrative where its code is current
+    (:func:`sync_narrative`). ``only`` (notebook prefixes, e.g. ``["07"]``) republishes those and keeps
+    every other copy already in ``dest`` as it is, with the commit of the run that executed it
+    (``metadata.kts``; the index gives each notebook's commit when they differ). Every copy is checked before any is written: a
     missing notebook, one run under another profile or seed, or any refusal of
     :func:`publish_notebook` leaves ``dest`` as it was.
     """
@@ -245,17 +245,16 @@ def _stamp(path: Path) -> dict:
         return {}
 
 
-def sync_narrative(copy, current) -> bool:
+def sync_narrative(copy, current) -> None:
     """Give an executed copy the current notebook's markdown cells where its code is the current code:
-    mending a sentence of the narrative needs no re-run. False, and the copy untouched, where the code
-    or the layout of the cells differs (the copy then shows the narrative it ran with)."""
+    mending a sentence of the narrative needs no re-run. Where the code or the layout of the cells
+    differs, the copy is left as it is (it shows the narrative it ran with)."""
     ran = [cell for cell in copy.cells if "injected-parameters" not in cell.metadata.get("tags", [])]
     if [c.cell_type for c in ran] != [c.cell_type for c in current.cells] or code_cells(copy) != code_cells(current):
-        return False
+        return
     for cell, now in zip(ran, current.cells):
         if cell.cell_type == "markdown":
             cell.source = now.source
-    return True
 
 
 def code_cells(notebook) -> list[str]:

@@ -186,11 +186,12 @@ def _check_resumable(out: Path, settings: dict) -> None:
     saved = _read_reference(path)
     if "train_tumour_fraction" in saved:  # written before identifiers were spelled "tumor" (2026-12-07)
         saved["train_tumor_fraction"] = saved.pop("train_tumour_fraction")
-    differ = [k for k, v in settings.items() if saved.get(k) != v]
+    differ = kts_io.differences({k: saved.get(k) for k in settings if k != "data_sha256"},
+                                {k: v for k, v in settings.items() if k != "data_sha256"})
+    if saved.get("data_sha256") != settings["data_sha256"]:
+        differ.append("the training/validation data differ")
     if differ:
-        shown = ", ".join(f"{k}: {saved.get(k)!r} there, {settings[k]!r} now" for k in differ if k != "data_sha256")
-        if "data_sha256" in differ:
-            shown = (shown + ", " if shown else "") + "the training/validation data differ"
+        shown = ", ".join(differ)
         raise ValueError(f"{out}: resume=True, but this reference was trained with other settings ({shown}); "
                          "use another out_dir, or resume=False to train afresh there")
 

@@ -68,19 +68,10 @@ def _check_settings(run_dir: Path, settings: dict[str, Any]) -> None:
     else:
         kts_io.write_json(path, settings)
         return
-    differ = sorted(_differences(saved, settings))
+    differ = kts_io.differences(saved, settings)
     if differ:
         raise ValueError(f"{run_dir}: this run was made with other settings ({'; '.join(differ)}); delete the "
                          "folder to run afresh with these, or give the study another work folder")
-
-
-def _differences(saved, now, prefix: str = ""):
-    """``"key: saved there, now here"`` for every leaf that differs (nested dicts are walked)."""
-    if isinstance(saved, dict) and isinstance(now, dict):
-        for key in sorted(set(saved) | set(now)):
-            yield from _differences(saved.get(key, "(none)"), now.get(key, "(none)"), f"{prefix}{key}.")
-    elif saved != now:
-        yield f"{prefix.rstrip('.') or 'settings'}: {saved!r} there, {now!r} now"
 
 
 def run_all(items: Iterable[Any], run: Callable[[Any], dict[str, Any]],

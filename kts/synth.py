@@ -75,6 +75,7 @@ class SynthConfig:
 DEFAULT = SynthConfig()
 LUT_POINTS = 6  # control points of the random intensity curve (random_lut)
 
+
 def random_lut(image, seed):
     """``image`` (values in 0..1) through a random piecewise-linear curve of ``LUT_POINTS`` points.
 

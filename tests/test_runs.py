@@ -96,3 +96,11 @@ def test_release_memory_hands_freed_heap_back_to_the_system():
     assert runs.trim_heap() is True
     assert _rss_mb() < before - 150, (before, _rss_mb())
     del kept
+
+
+def test_differences_name_each_nested_setting_that_changed():
+    from kts import io as kts_io
+
+    assert kts_io.differences({"a": 1, "b": {"c": [1, 2]}}, {"a": 1, "b": {"c": [1, 2]}}) == []
+    assert kts_io.differences({"a": 1, "b": {"c": 2}}, {"a": 3, "b": {"c": 2, "d": 4}}) == [
+        "a: 1 there, 3 now", "b.d: '(none)' there, 4 now"]

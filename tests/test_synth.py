@@ -114,7 +114,6 @@ def test_synth_pipeline_is_seeded_and_p0_is_the_paper_pipeline(small):
         train.make_dataset(x, y, batch_size=4, seed=3, intensity="synth")
 
 
-
 def test_the_synth_recipe_trains_on_a_longer_schedule():
     paper = config.get_profile("paper")
     plain, drawn = paper.cunet_config(intensity="none"), paper.cunet_config(intensity="synth")
