@@ -9,7 +9,8 @@ Speed goals live here, never in timed tests. Sections (``--sections``):
                     training and inference images/s, the fraction of the ceiling, per-layer times
 ``train_step``      one CU-Net training step as ``train_cunet`` runs it, taken apart: forward, backward,
                     Adam, Keras' step, the recipe's metrics, input pipeline and epoch loop, checkpoint
-``variations``      what could lift CU-Net: threads, batch 2/4/8, oneDNN off, op determinism, XLA, bf16
+``variations``      what could lift CU-Net: threads, batch 2/4/8, oneDNN off, op determinism, XLA, bf16,
+                    fused batch norm
 ``torch``           the same architecture in PyTorch (channels-last), when ``torch`` is installed
 ``input_pipeline``  training from :func:`kts.train.make_dataset` vs from pre-materialised tensors
 ``maskrcnn``        Mask R-CNN (section III.B): seconds per training step, ms per crop, tracing cost
@@ -335,7 +336,7 @@ def _compile(model, jit_compile: bool = False):
 
 def task_cunet(size: int, z: int, batch: int, warmup: int, repeats: int, modes: Sequence[str] = ("train", "infer"),
                flops: bool = False, layers: bool = False, jit_compile: bool = False,
-               dtype_policy: str | None = None) -> dict:
+               dtype_policy: str | None = None, fused_batch_norm: bool = False) -> dict:
     """CU-Net training (``train_on_batch`` with the recipe's loss, optimizer and metrics) and
     inference (``predict_on_batch``) images/s on random tensors; optionally the FLOP count and a
     per-convolution forward timing."""
@@ -349,7 +350,7 @@ def task_cunet(size: int, z: int, batch: int, warmup: int, repeats: int, modes: 
     if dtype_policy:
         keras.mixed_precision.set_dtype_policy(dtype_policy)
     try:
-        model = build_cunet(input_shape=(size, size, 1), z=z)
+        model = build_cunet(input_shape=(size, size, 1), z=z, fused_batch_norm=fused_batch_norm)
     finally:
         if dtype_policy:
             keras.mixed_precision.set_dtype_policy("float32")
@@ -899,6 +900,7 @@ VARIATIONS = (
     ("mixed bf16", {}, None, False, {"dtype_policy": "mixed_bfloat16"}),
     ("oneDNN off", {"TF_ENABLE_ONEDNN_OPTS": "0"}, None, False, {}),
     ("op determinism (as train_cunet)", {}, None, True, {}),
+    ("fused batch norm (opt-in), op determinism", {}, None, True, {"fused_batch_norm": True}),
 )
 
 

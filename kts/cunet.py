@@ -41,12 +41,46 @@ def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
     return value  # type: ignore[return-value]
 
 
-def conv_block(x, filters: int, k, phi: str, p: str, batch_norm: bool, name: str, momentum: float = 0.9):
+@keras.saving.register_keras_serializable(package="kts")
+class FusedBatchNormalization(layers.BatchNormalization):
+    """Keras' ``BatchNormalization`` computed by TensorFlow's fused kernel: one op forward and one
+    backward instead of Keras' moments, normalisation and their gradients (issue 15: batch norm is
+    memory-bound work on every activation of the CU-Net).
+
+    The same parameters, moving statistics (biased batch variance, as Keras keeps it) and output up
+    to float rounding; opt-in (``build_cunet(fused_batch_norm=True)``) because the rounding differs,
+    so a model trained with it does not reproduce the committed results bit for bit. Other backends,
+    masks and axes other than the last fall back to Keras' own computation.
+    """
+
+    def call(self, inputs, training=None, mask=None):
+        if mask is not None or keras.backend.backend() != "tensorflow" or self.axis not in (-1, len(inputs.shape) - 1) \
+                or len(inputs.shape) != 4 or inputs.dtype != "float32" or not (self.scale and self.center):
+            return super().call(inputs, training=training, mask=mask)
+        import tensorflow as tf
+
+        if training and self.trainable:
+            outputs, mean, variance = tf.compat.v1.nn.fused_batch_norm(
+                inputs, self.gamma, self.beta, epsilon=self.epsilon, is_training=True, data_format="NHWC")
+            count = tf.cast(tf.size(inputs) // tf.shape(inputs)[-1], variance.dtype)
+            variance = variance * (count - 1.0) / tf.maximum(count, 1.0)  # the kernel returns the unbiased one
+            self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1.0 - self.momentum))
+            self.moving_variance.assign(self.moving_variance * self.momentum + variance * (1.0 - self.momentum))
+            return outputs
+        outputs, _, _ = tf.compat.v1.nn.fused_batch_norm(
+            inputs, self.gamma, self.beta, mean=self.moving_mean, variance=self.moving_variance,
+            epsilon=self.epsilon, is_training=False, data_format="NHWC")
+        return outputs
+
+
+def conv_block(x, filters: int, k, phi: str, p: str, batch_norm: bool, name: str, momentum: float = 0.9,
+               fused_batch_norm: bool = False):
     """Two ``con2D`` of Algorithm 1, each followed by batch norm and ``phi`` (section II.B)."""
+    norm = FusedBatchNormalization if fused_batch_norm else layers.BatchNormalization
     for j in (1, 2):
         x = layers.Conv2D(filters, k, padding=p, kernel_initializer="he_normal", name=f"{name}_conv{j}")(x)
         if batch_norm:
-            x = layers.BatchNormalization(momentum=momentum, name=f"{name}_bn{j}")(x)
+            x = norm(momentum=momentum, name=f"{name}_bn{j}")(x)
         x = layers.Activation(phi, name=f"{name}_{phi}{j}")(x)
     return x
 
@@ -65,6 +99,7 @@ def build_cunet(
     batch_norm_momentum: float = 0.9,
     transpose_activation: bool = True,
     output_from: str = "decoder",
+    fused_batch_norm: bool = False,
     name: str = "cunet",
 ) -> keras.Model:
     """Build the CU-Net of Algorithm 1 (section III.A.3) as a Keras functional model.
@@ -84,6 +119,8 @@ def build_cunet(
     ``output_from``: ``"decoder"`` (evident intent) or ``"input"``, the literal
     ``I_out = con2D(1, k_1x1)(cn_1)`` with ``cn_1 = I_in``, which bypasses the whole network
     (errata E2, E3); kept only to show why the literal reading cannot be meant.
+    ``fused_batch_norm``: batch norm through TensorFlow's fused kernel (:class:`FusedBatchNormalization`;
+    faster, same values up to rounding, opt-in so the committed results stay reproducible).
     The algorithm prints the output activation as ``phi``; a binary mask trained with binary
     cross-entropy (section IV) needs a sigmoid (errata E4).
     """
@@ -125,12 +162,13 @@ def build_cunet(
     skips = []  # C_1..C_4
     # contracting path
     for i in range(1, levels + 1):
-        c_i = conv_block(x, z * mu[i - 1], k, phi, p, batch_norm, f"enc{i}", batch_norm_momentum)
+        c_i = conv_block(x, z * mu[i - 1], k, phi, p, batch_norm, f"enc{i}", batch_norm_momentum, fused_batch_norm)
         skips.append(c_i)
         q_i = layers.MaxPooling2D(pool_size=e, name=f"enc{i}_pool")(c_i)
         x = layers.Dropout(f_rate, name=f"enc{i}_dropout")(q_i)
     # connected layers
-    c_m = conv_block(x, z * mu[levels - 1] * 2, k, phi, p, batch_norm, "bottleneck", batch_norm_momentum)
+    c_m = conv_block(x, z * mu[levels - 1] * 2, k, phi, p, batch_norm, "bottleneck", batch_norm_momentum,
+                     fused_batch_norm)
     # expansive path
     for i in range(levels, 0, -1):
         d_i = layers.Conv2DTranspose(z * mu[i - 1], k, strides=s, padding=p,
@@ -138,7 +176,7 @@ def build_cunet(
                                      kernel_initializer="he_normal", name=f"dec{i}_upconv")(c_m)
         d_i = layers.Concatenate(name=f"dec{i}_concat")([d_i, skips[i - 1]])
         d_i = layers.Dropout(f_rate, name=f"dec{i}_dropout")(d_i)
-        c_m = conv_block(d_i, z * mu[i - 1], k, phi, p, batch_norm, f"dec{i}", batch_norm_momentum)
+        c_m = conv_block(d_i, z * mu[i - 1], k, phi, p, batch_norm, f"dec{i}", batch_norm_momentum, fused_batch_norm)
     source = c_m if output_from == "decoder" else inputs
     outputs = layers.Conv2D(1, (1, 1), padding=p, activation="sigmoid", name="I_out")(source)
     return keras.Model(inputs, outputs, name=name)

@@ -81,3 +81,42 @@ def test_flops_and_layer_table(model):
 def test_bad_arguments_raise_value_error(kwargs, fragment):
     with pytest.raises(ValueError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
         build_cunet(**kwargs)
+
+
+def test_fused_batch_norm_matches_keras_batch_norm(tmp_path):
+    """The opt-in fused kernel (issue 15): same output, moving statistics and gradients as Keras' layer,
+    up to rounding, in training and inference; a model with it saves and loads."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from kts.cunet import FusedBatchNormalization
+
+    x = tf.constant(np.random.default_rng(0).normal(2.0, 3.0, (4, 8, 8, 5)).astype("float32"))
+    plain, fused = keras.layers.BatchNormalization(momentum=0.9), FusedBatchNormalization(momentum=0.9)
+    plain.build(x.shape)
+    fused.build(x.shape)
+    for layer in (plain, fused):
+        layer.gamma.assign(np.linspace(0.5, 1.5, 5).astype("float32"))
+        layer.beta.assign(np.linspace(-1.0, 1.0, 5).astype("float32"))
+    outputs, grads = [], []
+    for layer in (plain, fused):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=True)
+            loss = tf.reduce_sum(y * tf.sin(y))
+        outputs.append(y.numpy())
+        grads.append(tape.gradient(loss, [x, layer.gamma, layer.beta]))
+    np.testing.assert_allclose(outputs[1], outputs[0], atol=1e-5)
+    np.testing.assert_allclose(fused(x, training=False).numpy(), plain(x, training=False).numpy(), atol=1e-5)
+    np.testing.assert_allclose(fused.moving_mean.numpy(), plain.moving_mean.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(fused.moving_variance.numpy(), plain.moving_variance.numpy(), rtol=1e-5)
+    for g_plain, g_fused in zip(*grads):
+        np.testing.assert_allclose(g_fused.numpy(), g_plain.numpy(), rtol=1e-4, atol=1e-4)
+
+    model = build_cunet(input_shape=(32, 32, 1), z=2, fused_batch_norm=True)
+    assert sum(isinstance(layer, FusedBatchNormalization) for layer in model.layers) == 18
+    model.save(tmp_path / "fused.keras")
+    loaded = keras.saving.load_model(tmp_path / "fused.keras", safe_mode=True)
+    image = np.zeros((1, 32, 32, 1), "float32")
+    np.testing.assert_array_equal(loaded.predict(image, verbose=0), model.predict(image, verbose=0))
