@@ -162,13 +162,14 @@ def build_cunet(
     skips = []  # C_1..C_4
     # contracting path
     for i in range(1, levels + 1):
-        c_i = conv_block(x, z * mu[i - 1], k, phi, p, batch_norm, f"enc{i}", batch_norm_momentum, fused_batch_norm)
+        c_i = conv_block(x, z * mu[i - 1], k, phi, p, batch_norm, f"enc{i}", batch_norm_momentum,
+                         fused_batch_norm=fused_batch_norm)
         skips.append(c_i)
         q_i = layers.MaxPooling2D(pool_size=e, name=f"enc{i}_pool")(c_i)
         x = layers.Dropout(f_rate, name=f"enc{i}_dropout")(q_i)
     # connected layers
     c_m = conv_block(x, z * mu[levels - 1] * 2, k, phi, p, batch_norm, "bottleneck", batch_norm_momentum,
-                     fused_batch_norm)
+                     fused_batch_norm=fused_batch_norm)
     # expansive path
     for i in range(levels, 0, -1):
         d_i = layers.Conv2DTranspose(z * mu[i - 1], k, strides=s, padding=p,
@@ -176,7 +177,8 @@ def build_cunet(
                                      kernel_initializer="he_normal", name=f"dec{i}_upconv")(c_m)
         d_i = layers.Concatenate(name=f"dec{i}_concat")([d_i, skips[i - 1]])
         d_i = layers.Dropout(f_rate, name=f"dec{i}_dropout")(d_i)
-        c_m = conv_block(d_i, z * mu[i - 1], k, phi, p, batch_norm, f"dec{i}", batch_norm_momentum, fused_batch_norm)
+        c_m = conv_block(d_i, z * mu[i - 1], k, phi, p, batch_norm, f"dec{i}", batch_norm_momentum,
+                         fused_batch_norm=fused_batch_norm)
     source = c_m if output_from == "decoder" else inputs
     outputs = layers.Conv2D(1, (1, 1), padding=p, activation="sigmoid", name="I_out")(source)
     return keras.Model(inputs, outputs, name=name)

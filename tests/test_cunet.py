@@ -114,6 +114,10 @@ def test_fused_batch_norm_matches_keras_batch_norm(tmp_path):
     for g_plain, g_fused in zip(*grads):
         np.testing.assert_allclose(g_fused.numpy(), g_plain.numpy(), rtol=1e-4, atol=1e-4)
 
+    # the fused kernel is what runs (a fallback to Keras' computation would pass the comparisons above)
+    graph = tf.function(lambda t: fused(t, training=True)).get_concrete_function(x).graph
+    assert "FusedBatchNormV3" in {op.type for op in graph.get_operations()}
+
     model = build_cunet(input_shape=(32, 32, 1), z=2, fused_batch_norm=True)
     assert sum(isinstance(layer, FusedBatchNormalization) for layer in model.layers) == 18
     model.save(tmp_path / "fused.keras")
