@@ -235,6 +235,8 @@ def render_markdown(results: dict[str, Any]) -> str:
     add("e2e", "quick profile peak RSS, process tree", q.get("peak_rss_gb"), "GiB")
     for notebook, seconds in (q.get("wall_s_per_notebook") or {}).items():
         add("e2e", f"quick: {notebook}", seconds, "s")
+    for notebook, mib in (q.get("peak_rss_mib_per_notebook") or {}).items():  # which kernel holds the memory
+        add("e2e", f"quick: {notebook} kernel peak RSS", round(mib / 1024, 2), "GiB")
     pp = results.get("e2e_paper", {})
     add("e2e", "paper profile wall per seed", pp.get("wall_min_per_seed"), "min", "e2e_paper_wall_min_per_seed")
 
@@ -336,7 +338,7 @@ def _compile(model, jit_compile: bool = False):
 
 def task_cunet(size: int, z: int, batch: int, warmup: int, repeats: int, modes: Sequence[str] = ("train", "infer"),
                flops: bool = False, layers: bool = False, jit_compile: bool = False,
-               dtype_policy: str | None = None, fused_batch_norm: bool = False) -> dict:
+               dtype_policy: str | None = None, fused_batch_norm: bool = True) -> dict:
     """CU-Net training (``train_on_batch`` with the recipe's loss, optimizer and metrics) and
     inference (``predict_on_batch``) images/s on random tensors; optionally the FLOP count and a
     per-convolution forward timing."""
@@ -745,7 +747,8 @@ DATA_KEYS = ("n_cases", "n_slices", "generate_slices_per_s", "write_slices_per_s
 TRAIN_STEP_KEYS = ("input_size", "z", "batch_size", "steps_per_epoch", "variants_ms", "step_ms", "parts",
                    "load_average")
 E2E_KEYS = ("profile", "command", "returncode", "wall_s", "wall_min", "wall_min_per_seed", "seeds",
-            "peak_rss_gb", "peak_rss_largest_process_gb", "wall_s_per_notebook", "load_average")
+            "peak_rss_gb", "peak_rss_largest_process_gb", "wall_s_per_notebook", "peak_rss_mib_per_notebook",
+            "load_average")
 
 
 def section_ceiling(s: dict) -> dict:
@@ -900,7 +903,8 @@ VARIATIONS = (
     ("mixed bf16", {}, None, False, {"dtype_policy": "mixed_bfloat16"}),
     ("oneDNN off", {"TF_ENABLE_ONEDNN_OPTS": "0"}, None, False, {}),
     ("op determinism (as train_cunet)", {}, None, True, {}),
-    ("fused batch norm (opt-in), op determinism", {}, None, True, {"fused_batch_norm": True}),
+    # the CU-Net's batch norm before 2026-12-07 (and Keras 3's on TF): moments and normalisation as separate ops
+    ("Keras batch norm (unfused), op determinism", {}, None, True, {"fused_batch_norm": False}),
 )
 
 
@@ -1035,28 +1039,9 @@ def section_data(s: dict) -> dict:
 
 def _tree_rss_kib(root_pid: int) -> int:
     """Resident memory (KiB) of a process and all its descendants, from /proc."""
-    children: dict[int, list[int]] = {}
-    rss: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            status = (entry / "status").read_text()
-        except (OSError, IndexError, ValueError):
-            continue
-        pid = int(entry.name)
-        children.setdefault(ppid, []).append(pid)
-        for line in status.splitlines():
-            if line.startswith("VmRSS:"):
-                rss[pid] = int(line.split()[1])
-    total, stack = 0, [root_pid]
-    while stack:
-        pid = stack.pop()
-        total += rss.get(pid, 0)
-        stack.extend(children.get(pid, []))
-    return total
+    from kts.pipeline import descendant_memory
+
+    return sum(rss for rss, _ in descendant_memory(root_pid).values())
 
 
 def run_measured(command: Sequence[str], timeout: float, env: dict | None = None) -> dict[str, Any]:
@@ -1100,7 +1085,9 @@ def section_e2e(profile: str, timeout: float) -> dict:
         measured = run_measured(command, timeout)
         record = Path(folders["results"]) / "metrics.json"  # where the minutes went, notebook by notebook
         if record.is_file():
-            out["wall_s_per_notebook"] = json.loads(record.read_text())["provenance"].get("wall_s_per_notebook")
+            provenance = json.loads(record.read_text())["provenance"]
+            out["wall_s_per_notebook"] = provenance.get("wall_s_per_notebook")
+            out["peak_rss_mib_per_notebook"] = provenance.get("peak_rss_mib_per_notebook")
     out["load_average"] = [load_start, load_average()]
     out["command"] = " ".join(["python", "-m", "kts", "run", "--profile", profile, "--force",
                                "--results/--runs/--work/--data", "<tmp>"])

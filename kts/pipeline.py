@@ -27,6 +27,69 @@ STAMP_SUFFIX = ".stamp.json"
 KERNEL_ENV = {**config.NOISE_ENV, "MPLBACKEND": "Agg"}
 
 
+def descendant_memory(root_pid: int) -> dict[int, tuple[int, int]]:
+    """``{pid: (VmRSS, VmHWM)}`` in KiB of a process and all its descendants, from ``/proc`` (Linux; empty
+    elsewhere). VmHWM is the process's peak resident memory so far, kept by the kernel."""
+    children: dict[int, list[int]] = {}
+    memory: dict[int, tuple[int, int]] = {}
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return {}
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            status = (entry / "status").read_text()
+        except (OSError, IndexError, ValueError):  # the process ended while we looked
+            continue
+        fields = dict(line.split(":", 1) for line in status.splitlines() if line.startswith(("VmRSS:", "VmHWM:")))
+        children.setdefault(ppid, []).append(int(entry.name))
+        memory[int(entry.name)] = tuple(int(fields.get(k, "0 kB").split()[0]) for k in ("VmRSS", "VmHWM"))
+    found, stack = {}, [root_pid]
+    while stack:
+        pid = stack.pop()
+        if pid in memory:
+            found[pid] = memory[pid]
+        stack.extend(children.get(pid, []))
+    return found
+
+
+class PeakMemory:
+    """The largest peak resident memory (VmHWM, KiB) of any process started under this one while the
+    ``with`` block runs, sampled every ``interval`` seconds: a notebook's kernel (issue 15's memory goal)."""
+
+    def __init__(self, interval: float = 0.5):
+        self.interval, self.peak_kib = interval, 0
+
+    def _sample(self) -> None:
+        me = os.getpid()
+        for pid, (_, hwm) in descendant_memory(me).items():
+            if pid != me:
+                self.peak_kib = max(self.peak_kib, hwm)
+
+    def __enter__(self) -> "PeakMemory":
+        import threading
+
+        self._stop = threading.Event()
+
+        def watch():
+            while not self._stop.wait(self.interval):
+                self._sample()
+
+        self._thread = threading.Thread(target=watch, name="kts-peak-memory", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def peak_mib(self) -> float:
+        return round(self.peak_kib / 1024, 1)
+
+
 class NotebookFailed(RuntimeError):
     """A notebook raised: the message names the notebook, the cell and the error."""
 
@@ -132,6 +195,7 @@ def run(profile: str = "paper", seed: int = 0, results: str | os.PathLike | None
                          f"{', '.join(declared)}: check the spelling against their parameters cells")
     sources = _sources_digest()
     timings: dict[str, float] = {}
+    peaks: dict[str, float] = {}  # peak RSS (MiB) of each notebook's kernel
     upstream = ""
     started = time.perf_counter()
     # the kernels inherit these; restored in `finally` whatever happens, so a failed or refused run
@@ -148,7 +212,10 @@ def run(profile: str = "paper", seed: int = 0, results: str | os.PathLike | None
             upstream = stamp
             if not force and output.exists() and stamp_path.exists() and \
                     json.loads(stamp_path.read_text()).get("stamp") == stamp:
-                timings[notebook.stem] = json.loads(stamp_path.read_text()).get("wall_s", 0.0)
+                done = json.loads(stamp_path.read_text())
+                timings[notebook.stem] = done.get("wall_s", 0.0)
+                if done.get("peak_rss_mib") is not None:
+                    peaks[notebook.stem] = done["peak_rss_mib"]
                 print(f"[{i}/{len(notebooks)}] {notebook.name}: up to date, skipped", flush=True)
                 continue
             print(f"[{i}/{len(notebooks)}] {notebook.name} ({profile}) ...", flush=True)
@@ -156,16 +223,17 @@ def run(profile: str = "paper", seed: int = 0, results: str | os.PathLike | None
             with kts_io.atomic_path(output) as tmp:
                 try:
                     # each notebook gets the parameters its own parameters cell declares
-                    with config.filtered_stderr():  # the kernels' C++ noise (NOISE_STDERR_LINES)
+                    with config.filtered_stderr(), PeakMemory() as memory:  # the kernels' C++ noise
                         execute_notebook(notebook, tmp, {k: v for k, v in params.items()
                                                          if k in declared[notebook.name]})
                 except pm.PapermillExecutionError as exc:
                     raise NotebookFailed(f"{notebook.name}: cell {exc.exec_count} failed with "
                                          f"{exc.ename}: {exc.evalue}") from None
             timings[notebook.stem] = round(time.perf_counter() - t0, 1)
+            peaks[notebook.stem] = memory.peak_mib
             # the commit the notebook ran at: kts publish gives it to the notebook's copy
             kts_io.write_json(stamp_path, {"stamp": stamp, "wall_s": timings[notebook.stem],
-                                           "git_commit": config.git_commit()})
+                                           "peak_rss_mib": peaks[notebook.stem], "git_commit": config.git_commit()})
             print(f"[{i}/{len(notebooks)}] {notebook.name}: done in {timings[notebook.stem]:.0f} s", flush=True)
     finally:
         for key, value in saved_env.items():
@@ -173,11 +241,12 @@ def run(profile: str = "paper", seed: int = 0, results: str | os.PathLike | None
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-    if only:  # a partial run: the other notebooks' results stay, and so do their wall times
-        kept = _previous_timings(results / "metrics.json", profile, seed)
-        timings = {name: timings[name] if name in timings else kept[name] for name in every_name
-                   if name in timings or name in kept}
-    metrics = _collect(results, profile, seed, timings, time.perf_counter() - started)
+    if only:  # a partial run: the other notebooks' results stay, and so do their wall times and peaks
+        timings = _keep_previous(timings, _previous(results / "metrics.json", profile, seed, "wall_s_per_notebook"),
+                                 every_name)
+        peaks = _keep_previous(peaks, _previous(results / "metrics.json", profile, seed, "peak_rss_mib_per_notebook"),
+                               every_name)
+    metrics = _collect(results, profile, seed, timings, peaks)
     kts_io.write_json(results / "metrics.json", metrics)
     return metrics
 
@@ -196,16 +265,21 @@ def annotate(results: str | os.PathLike, note: str) -> Path:
     return kts_io.write_json(path, metrics)
 
 
-def _previous_timings(path: Path, profile: str, seed: int) -> dict[str, float]:
-    """``wall_s_per_notebook`` of an earlier run of this profile and seed in ``path`` (empty if none)."""
+def _previous(path: Path, profile: str, seed: int, key: str) -> dict[str, float]:
+    """Provenance ``key`` (per notebook) of an earlier run of this profile and seed in ``path`` (empty if none)."""
     if not path.is_file():
         return {}
     provenance = json.loads(path.read_text()).get("provenance", {})
     same = provenance.get("profile") == profile and provenance.get("seed", seed) == seed
-    return dict(provenance.get("wall_s_per_notebook", {})) if same else {}
+    return dict(provenance.get(key, {})) if same else {}
 
 
-def _collect(results: Path, profile: str, seed: int, timings: dict, wall: float) -> dict[str, Any]:
+def _keep_previous(now: dict, before: dict, names: list[str]) -> dict:
+    """This run's value per notebook, else the earlier run's, in reading order."""
+    return {name: now[name] if name in now else before[name] for name in names if name in now or name in before}
+
+
+def _collect(results: Path, profile: str, seed: int, timings: dict, peaks: dict) -> dict[str, Any]:
     notebook_metrics = {}
     for path in sorted((results / "metrics").glob("*.json")):
         notebook_metrics[path.stem] = json.loads(path.read_text())
@@ -214,7 +288,8 @@ def _collect(results: Path, profile: str, seed: int, timings: dict, wall: float)
         "provenance": {"git_commit": config.git_commit(), "profile": profile, "seed": seed,
                        "versions": config.versions(), "wall_s_per_notebook": timings,
                        "wall_s_total": round(sum(timings.values()), 1),
-                       "peak_rss_mb_children": round(peak_kib / 1024, 1), "cpu_count": os.cpu_count(),
+                       "peak_rss_mb_children": round(peak_kib / 1024, 1), "peak_rss_mib_per_notebook": peaks,
+                       "cpu_count": os.cpu_count(),
                        **config.cpu()},
         "notebooks": notebook_metrics,
     }

@@ -201,11 +201,26 @@ def test_a_partial_run_keeps_the_other_notebooks_wall_times(tmp_path):
     results.mkdir()
     (results / "metrics.json").write_text(json.dumps(
         {"provenance": {"profile": "quick", "seed": 0,
-                        "wall_s_per_notebook": {"01_first": 12.5, "02_second": 99.0, "08_removed": 7.0}}}))
+                        "wall_s_per_notebook": {"01_first": 12.5, "02_second": 99.0, "08_removed": 7.0},
+                        "peak_rss_mib_per_notebook": {"01_first": 1500.0, "02_second": 1.0}}}))
     metrics = pipeline.run("quick", results=results, runs=tmp_path / "runs", work=tmp_path / "w", data=tmp_path / "d",
                            only=["02"], notebooks=folder)
     walls = metrics["provenance"]["wall_s_per_notebook"]
     assert list(walls) == ["01_first", "02_second"] and walls["01_first"] == 12.5 and walls["02_second"] < 99.0
     assert metrics["provenance"]["wall_s_total"] == pytest.approx(12.5 + walls["02_second"], abs=0.11)
+    peaks = metrics["provenance"]["peak_rss_mib_per_notebook"]  # 02's kernel measured now, 01's kept
+    assert list(peaks) == ["01_first", "02_second"] and peaks["01_first"] == 1500.0 and peaks["02_second"] > 20
     stamp = json.loads((tmp_path / "runs" / ("02_second" + pipeline.STAMP_SUFFIX)).read_text())
     assert stamp["git_commit"] == metrics["provenance"]["git_commit"]  # kts publish gives it to the copy
+
+
+def test_peak_memory_sees_the_largest_child_process():
+    """What ``kts run`` records per notebook (its kernel's peak RSS, issue 15's memory goal)."""
+    import subprocess
+    import sys
+
+    code = "import time; x = bytearray(300 * 2**20); x[::4096] = b'1' * len(x[::4096]); time.sleep(1.5)"
+    with pipeline.PeakMemory(interval=0.1) as memory:
+        subprocess.run([sys.executable, "-c", code], check=True)
+    assert 300 <= memory.peak_mib < 1000
+    assert pipeline.descendant_memory(os.getpid())[os.getpid()][1] > 0
