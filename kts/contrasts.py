@@ -84,6 +84,7 @@ def recipe(profile: Profile, intensity: str) -> dict:
     from kts import synth
 
     settings = {"cunet_base_filters": profile.cunet_base_filters,
+                "cunet_batch_norm": "fused",  # kts.cunet.FusedBatchNormalization (Keras' layer before 2026-12-07)
                 "training": dataclasses.asdict(profile.cunet_config(intensity=intensity))}
     if intensity == "synth":
         settings["synth"] = dataclasses.asdict(synth.DEFAULT)

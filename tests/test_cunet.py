@@ -1,6 +1,8 @@
 """Algorithm 1: the built CU-Net has the structure the paper describes."""
 from collections import Counter
 
+import keras
+
 import pytest
 
 from kts.cunet import PAPER_MU_LITERAL, build_cunet, forward_flops, layer_flops, layer_table
@@ -23,7 +25,8 @@ def test_layer_counts_match_algorithm_1(model):
     assert kinds["MaxPooling2D"] == 4
     assert kinds["Dropout"] == 8  # after each pool and after each concat
     assert kinds["Concatenate"] == 4
-    assert kinds["BatchNormalization"] == 18  # after each 3x3 convolution (section II.B)
+    # after each 3x3 convolution (section II.B); TensorFlow's fused kernel by default (issue 15)
+    assert kinds["FusedBatchNormalization"] == 18
 
 
 def test_filter_sizes_follow_z_and_mu(model):
@@ -49,7 +52,7 @@ def test_literal_mu_widens_the_bottleneck():
 
 def test_batch_norm_off_and_literal_output():
     no_bn = build_cunet(input_shape=(32, 32, 1), z=2, batch_norm=False)
-    assert not any(type(layer).__name__ == "BatchNormalization" for layer in no_bn.layers)
+    assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in no_bn.layers)
     literal = build_cunet(input_shape=(32, 32, 1), z=2, output_from="input")
     # I_out computed from cn_1 = I_in: a 1x1 convolution of the raw input
     assert literal.get_layer("I_out").input.shape[-1] == 1
@@ -84,7 +87,7 @@ def test_bad_arguments_raise_value_error(kwargs, fragment):
 
 
 def test_fused_batch_norm_matches_keras_batch_norm(tmp_path):
-    """The opt-in fused kernel (issue 15): same output, moving statistics and gradients as Keras' layer,
+    """The fused kernel, the CU-Net's default (issue 15): same output, moving statistics and gradients as Keras' layer,
     up to rounding, in training and inference; a model with it saves and loads."""
     import keras
     import numpy as np
@@ -118,8 +121,10 @@ def test_fused_batch_norm_matches_keras_batch_norm(tmp_path):
     graph = tf.function(lambda t: fused(t, training=True)).get_concrete_function(x).graph
     assert "FusedBatchNormV3" in {op.type for op in graph.get_operations()}
 
-    model = build_cunet(input_shape=(32, 32, 1), z=2, fused_batch_norm=True)
+    model = build_cunet(input_shape=(32, 32, 1), z=2)  # the default
     assert sum(isinstance(layer, FusedBatchNormalization) for layer in model.layers) == 18
+    keras_layers = build_cunet(input_shape=(32, 32, 1), z=2, fused_batch_norm=False).layers
+    assert sum(type(layer) is keras.layers.BatchNormalization for layer in keras_layers) == 18
     model.save(tmp_path / "fused.keras")
     loaded = keras.saving.load_model(tmp_path / "fused.keras", safe_mode=True)
     image = np.zeros((1, 32, 32, 1), "float32")
