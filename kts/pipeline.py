@@ -210,9 +210,8 @@ def run(profile: str = "paper", seed: int = 0, results: str | os.PathLike | None
                                                "sources": sources, "parameters": params, "upstream": upstream,
                                                "results": str(results.resolve())}, sort_keys=True).encode()).hexdigest()
             upstream = stamp
-            if not force and output.exists() and stamp_path.exists() and \
-                    json.loads(stamp_path.read_text()).get("stamp") == stamp:
-                done = json.loads(stamp_path.read_text())
+            done = json.loads(stamp_path.read_text()) if stamp_path.exists() else {}
+            if not force and output.exists() and done.get("stamp") == stamp:
                 timings[notebook.stem] = done.get("wall_s", 0.0)
                 if done.get("peak_rss_mib") is not None:
                     peaks[notebook.stem] = done["peak_rss_mib"]
