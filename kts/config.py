@@ -230,6 +230,9 @@ class Profile:
     table1_partitions: tuple[str, ...] = ("TD-70% VD-6%", "TD-75% VD-8%", "TD-65% VD-15%", "TD-60% VD-20%")
     # unseen MR contrasts (notebook 07): the weightings left out, one CU-Net each
     contrasts_left_out: tuple[str, ...] = ("t1_post", "t2", "t1_pre")
+    # `kts run`: a cell with no reply from its kernel for this long is taken as hung (a lost kernel message
+    # once stalled a run for good) and its notebook is run once more; far above the profile's longest cell
+    cell_timeout_s: int = 12 * 3600
 
     def cunet_config(self, epochs: int | None = None, intensity: str | None = None) -> TrainConfig:
         """The profile's CU-Net recipe (section IV), with another epoch budget or intensity recipe if given;
@@ -262,7 +265,7 @@ PROFILES: dict[str, Profile] = {
                                 learning_rate=2e-3, lr_schedule="cosine", weight_decay=4e-5, flip="dihedral",
                                 scale_jitter=(0.8, 1.25), intensity_jitter=0.3),
         maskrcnn_steps=150, seeds=1, table1_partitions=("TD-70% VD-6%", "TD-60% VD-20%"),
-        contrasts_left_out=("t1_pre",),
+        contrasts_left_out=("t1_pre",), cell_timeout_s=30 * 60,
     ),
 }
 

@@ -90,6 +90,9 @@ class PeakMemory:
         return round(self.peak_kib / 1024, 1)
 
 
+HANG_RETRIES = 1  # a notebook whose cell hangs (run(cell_timeout=...)) runs this many more times before kts run fails
+
+
 class NotebookFailed(RuntimeError):
     """A notebook raised: the message names the notebook, the cell and the error."""
 
@@ -113,16 +116,18 @@ def _kernel_config():
 
 
 def execute_notebook(notebook: str | os.PathLike, output: str | os.PathLike, parameters: dict[str, Any] | None = None,
-                     cwd: str | os.PathLike | None = None) -> None:
+                     cwd: str | os.PathLike | None = None, cell_timeout: float | None = None) -> None:
     """Execute one notebook with papermill as ``kts run`` does (kernel ``python3``, no progress bar).
 
     The environment is the caller's: ``run`` sets ``KERNEL_ENV`` and the folders around it.
+    ``cell_timeout``: seconds a cell may go without its kernel's reply (nbclient's ``CellTimeoutError``).
     """
     import papermill as pm
 
     notebook = Path(notebook)
     pm.execute_notebook(str(notebook), str(output), parameters=parameters or {}, cwd=str(cwd or notebook.parent),
-                        kernel_name="python3", progress_bar=False, log_output=False, config=_kernel_config())
+                        kernel_name="python3", progress_bar=False, log_output=False, config=_kernel_config(),
+                        execution_timeout=cell_timeout)
 
 
 def notebooks_dir() -> Path:
@@ -160,15 +165,21 @@ def record_metrics(name: str, values: dict[str, Any], results: str | os.PathLike
 def run(profile: str = "paper", seed: int = 0, results: str | os.PathLike | None = None,
         runs: str | os.PathLike | None = None, work: str | os.PathLike | None = None,
         data: str | os.PathLike | None = None, only: list[str] | None = None, force: bool = False,
-        parameters: dict[str, Any] | None = None, notebooks: str | os.PathLike | None = None) -> dict[str, Any]:
+        parameters: dict[str, Any] | None = None, notebooks: str | os.PathLike | None = None,
+        cell_timeout: float | None = None) -> dict[str, Any]:
     """Execute the notebooks with papermill; return (and write) the run's ``metrics.json``.
 
     ``notebooks``: the folder of numbered notebooks (default the checkout's ``notebooks/``).
     With ``only``, the notebooks not run keep their wall times from the previous ``metrics.json``.
+    A cell without its kernel's reply for ``cell_timeout`` seconds (default the profile's
+    ``cell_timeout_s``) is taken as hung: its notebook runs once more in a fresh kernel, and a second
+    hang fails the run (:class:`NotebookFailed`) instead of waiting for ever.
     """
     import papermill as pm
+    from nbclient.exceptions import CellTimeoutError
 
-    config.get_profile(profile)
+    settings = config.get_profile(profile)
+    cell_timeout = settings.cell_timeout_s if cell_timeout is None else cell_timeout
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     root = config.project_root()
@@ -219,15 +230,26 @@ def run(profile: str = "paper", seed: int = 0, results: str | os.PathLike | None
                 continue
             print(f"[{i}/{len(notebooks)}] {notebook.name} ({profile}) ...", flush=True)
             t0 = time.perf_counter()
-            with kts_io.atomic_path(output) as tmp:
+            for attempt in range(1 + HANG_RETRIES):
                 try:
-                    # each notebook gets the parameters its own parameters cell declares
-                    with config.filtered_stderr(), PeakMemory() as memory:  # the kernels' C++ noise
-                        execute_notebook(notebook, tmp, {k: v for k, v in params.items()
-                                                         if k in declared[notebook.name]})
-                except pm.PapermillExecutionError as exc:
-                    raise NotebookFailed(f"{notebook.name}: cell {exc.exec_count} failed with "
-                                         f"{exc.ename}: {exc.evalue}") from None
+                    with kts_io.atomic_path(output) as tmp:
+                        try:
+                            # each notebook gets the parameters its own parameters cell declares
+                            with config.filtered_stderr(), PeakMemory() as memory:  # the kernels' C++ noise
+                                execute_notebook(notebook, tmp, {k: v for k, v in params.items()
+                                                                 if k in declared[notebook.name]},
+                                                 cell_timeout=cell_timeout)
+                        except pm.PapermillExecutionError as exc:
+                            raise NotebookFailed(f"{notebook.name}: cell {exc.exec_count} failed with "
+                                                 f"{exc.ename}: {exc.evalue}") from None
+                    break
+                except CellTimeoutError:
+                    if attempt == HANG_RETRIES:
+                        raise NotebookFailed(f"{notebook.name}: a cell went {cell_timeout:.0f} s without a reply from "
+                                             f"its kernel, {attempt + 1} times; hung (or slower than the profile's "
+                                             "cell_timeout_s allows)") from None
+                    print(f"[{i}/{len(notebooks)}] {notebook.name}: a cell went {cell_timeout:.0f} s without a reply "
+                          "from its kernel (hung); running the notebook again in a fresh kernel", flush=True)
             timings[notebook.stem] = round(time.perf_counter() - t0, 1)
             peaks[notebook.stem] = memory.peak_mib
             # the commit the notebook ran at: kts publish gives it to the notebook's copy

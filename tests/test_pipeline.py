@@ -224,3 +224,39 @@ def test_peak_memory_sees_the_largest_child_process():
         subprocess.run([sys.executable, "-c", code], check=True)
     assert 300 <= memory.peak_mib < 1000
     assert pipeline.descendant_memory(os.getpid())[os.getpid()][1] > 0
+
+
+def _one_cell_notebooks(folder, code: str):
+    import nbformat
+
+    folder.mkdir()
+    notebook = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell("PROFILE = 'quick'\nSEED = 0", metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell(code)])
+    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(notebook, folder / "01_only.ipynb")
+    return folder
+
+
+def test_a_hung_cell_runs_its_notebook_again_then_fails_the_run(tmp_path, capsys):
+    """A kernel message lost once left a paper run waiting for ever in notebook 06 (stop 28): a cell with no
+    reply within the profile's cell_timeout_s now reruns its notebook once, and a second hang fails the run."""
+    marker = tmp_path / "first-attempt-done"
+    once = _one_cell_notebooks(tmp_path / "once", f"import pathlib, time\nmarker = pathlib.Path({str(marker)!r})\n"
+                                                  "first = not marker.exists()\nmarker.touch()\n"
+                                                  "time.sleep(60 if first else 0)")
+    folders = dict(runs=tmp_path / "runs", work=tmp_path / "w", data=tmp_path / "d")
+    pipeline.run("quick", results=tmp_path / "r", notebooks=once, cell_timeout=4, **folders)
+    assert "running the notebook again in a fresh kernel" in capsys.readouterr().out
+    assert (tmp_path / "runs" / "01_only.ipynb").is_file()
+
+    always = _one_cell_notebooks(tmp_path / "always", "import time\ntime.sleep(60)")
+    with pytest.raises(pipeline.NotebookFailed, match=r"01_only.ipynb: a cell went 4 s without a reply .* 2 times"):
+        pipeline.run("quick", results=tmp_path / "r2", notebooks=always, cell_timeout=4, force=True, **folders)
+    assert not list((tmp_path / "runs").glob("*.tmp*"))  # nothing half-written left behind
+
+
+def test_profiles_give_every_cell_more_time_than_their_longest_takes():
+    """The hang guard must never cut a working cell: quick cells take minutes, paper cells up to hours."""
+    assert config.get_profile("quick").cell_timeout_s >= 20 * 60
+    assert config.get_profile("paper").cell_timeout_s >= 8 * 3600
