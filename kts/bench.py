@@ -213,6 +213,15 @@ def render_markdown(results: dict[str, Any]) -> str:
     add("torch", "PyTorch inference", t.get("infer_images_per_s"), "img/s")
     add("torch", "kts / PyTorch, training", t.get("kts_over_torch_train"), "ratio", "kts_over_torch_train")
     add("torch", "kts / PyTorch, inference", t.get("kts_over_torch_infer"), "ratio", "kts_over_torch_infer")
+    for mode, multiplier in (("train", 3), ("infer", 1)):  # what the goal asks of kts, against the FP32 ceiling
+        peer = _fraction(t.get(f"{mode}_images_per_s"), u.get("flops_forward_analytic"), multiplier,
+                         fp32_ceiling(c))[1]
+        if peer is not None:
+            name = {"train": "training", "infer": "inference"}[mode]
+            wanted = GOALS[f"kts_over_torch_{mode}"][1]
+            add("torch", f"PyTorch {name} / ceiling", peer, "fraction")
+            add("torch", f"kts {name} / ceiling that {wanted}x PyTorch needs"
+                + (" (> 1: not reachable in FP32)" if peer * wanted > 1 else ""), round(peer * wanted, 3), "fraction")
     p = results.get("input_pipeline", {})
     add("input_pipeline", "make_dataset step", p.get("pipeline_s_per_step"), "s/step")
     add("input_pipeline", "tensors step", p.get("tensors_s_per_step"), "s/step")
