@@ -889,6 +889,24 @@ def tissue_label_maps(dataset) -> np.ndarray:
     return out
 
 
+def label_map_pool(n_cases: int, seed: int, difficulty: str = "paper", size: int | None = None) -> np.ndarray:
+    """Tissue label maps of ``n_cases`` new phantom anatomies (phantom seed ``seed``), one mid-kidney slice each.
+
+    The synth recipe's extra label maps (``kts.synth.SynthConfig.label_pool``): anatomy only, no image of any
+    weighting is kept, so a model trained on them has seen more kidney shapes, not more contrasts. Resized
+    to ``size`` (default: the phantom's matrix) like ``tissue_label_maps``; uint8 [n_cases, size, size].
+    """
+    from kts.data import resize_mask
+
+    n_cases = _check_int("n_cases", n_cases, 0, 9999)
+    size = IMAGE_SIZE if size is None else _check_int("size", size, 8, 1024)
+    out = np.zeros((n_cases, size, size), np.uint8)
+    for case_index in range(n_cases):
+        labels = generate_case(case_index, seed, difficulty, 1)[0].meta["tissue_labels"]
+        out[case_index] = resize_mask(labels.astype(np.uint8), (size, size))
+    return out
+
+
 def tumor_contrast(s: PhantomSlice, rim_px: tuple[int, int] = (2, 6)) -> list[dict[str, Any]]:
     """How visible each tumour of a slice is: its contrast to the kidney around it (issue-12 CNR).
 

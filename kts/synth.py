@@ -24,6 +24,12 @@ slice, ``kts.phantom.tissue_label_maps``), in this order:
 6. Rician noise of a random level;
 7. the percentile normalisation the real slices get (``kts.data.normalise``), to 0..1.
 
+The label map of a draw is the training item's own or, with ``label_pool`` (default 400), one of as many
+label maps of new phantom anatomy (``kts.phantom.label_map_pool``, phantom seed
+``kts.workflow.LABEL_POOL_SEED_OFFSET`` + the run's seed: never the study's cases): SynthSeg trains on
+every label map it has, and the phantom can draw more. Only anatomy is added, no image of any
+weighting; the epoch keeps its length.
+
 Every draw is a stateless random op keyed by the item's seed, so training stays deterministic
 (one seed fixes everything) and a resumed run sees the same images. All parameters live in
 :class:`SynthConfig`. The recipe is opt-in: ``TrainConfig(intensity="synth")`` re-synthesises a
@@ -57,6 +63,8 @@ class SynthConfig:
     percentiles: tuple[float, float] = (0.5, 99.5)  # as kts.data.DEFAULT_PERCENTILES
     p_mixing_curve: float = 0.5               # share of drawn images whose blurred (partial-volume) grey levels
     #                                           pass a random non-monotone curve (random_lut)
+    label_pool: int = 400                     # label maps of new phantom anatomy drawn from besides the
+    #                                           training cases' own (kts.phantom.label_map_pool; 0: none)
 
     def __post_init__(self):
         for name in ("p_synthetic", "p_mixing_curve"):
@@ -68,6 +76,8 @@ class SynthConfig:
                 raise ValueError(f"{name} must be a (low, high) range with low <= high, got {(low, high)!r}")
         if self.scale[0] <= 0 or self.downsample[0] < 1.0:
             raise ValueError("scale must be positive and downsample >= 1")
+        if isinstance(self.label_pool, bool) or not isinstance(self.label_pool, int) or self.label_pool < 0:
+            raise ValueError(f"label_pool must be a non-negative int, got {self.label_pool!r}")
         if self.elastic_grid < 2 or self.bias_grid < 2:
             raise ValueError("elastic_grid and bias_grid need at least 2 control points per side")
 

@@ -19,6 +19,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from kts import cunet  # noqa: F401 - registers the CU-Net's custom layers, so its checkpoints load anywhere
 from kts import io as kts_io
 from kts.config import FLIPS, INTENSITY, TrainConfig  # noqa: F401 - the recipe's settings live with the profiles
 
@@ -77,7 +78,7 @@ def prepare_masks(masks) -> np.ndarray:
 
 def make_dataset(images, masks, batch_size: int, seed: int, flip: str = "horizontal",
                  first_epoch: int = 0, epochs: int = 1, augment: bool = True, intensity: str = "none",
-                 tissue_labels=None, synth_config=None):
+                 tissue_labels=None, synth_config=None, label_pool=None):
     """The training ``tf.data`` pipeline: originals plus flipped copies, reshuffled each epoch.
 
     The order of epoch ``e`` depends only on ``(seed, e)`` (a stateless shuffle), so a run
@@ -85,7 +86,10 @@ def make_dataset(images, masks, batch_size: int, seed: int, flip: str = "horizon
     ``intensity="random_lut"`` every other image (by a stateless coin per epoch and item)
     goes through :func:`kts.synth.random_lut`; with ``"synth"`` a share ``synth_config.p_synthetic``
     (default :data:`kts.synth.DEFAULT`) is re-synthesised from ``tissue_labels`` (int [N, H, W],
-    aligned with ``images``) by :func:`kts.synth.synthesise`, mask deformed alike.
+    aligned with ``images``) by :func:`kts.synth.synthesise`, mask deformed alike. ``label_pool``
+    (int [M, H, W], e.g. ``kts.phantom.label_map_pool``) adds M label maps of other anatomy: each
+    synthetic draw then takes its label map uniformly from the item's own and the pool's, so an
+    epoch keeps its length and cost.
     """
     import tensorflow as tf
 
@@ -107,6 +111,17 @@ def make_dataset(images, masks, batch_size: int, seed: int, flip: str = "horizon
         tissue = tf.constant(np.asarray(tissue_labels, np.int32))
         n_labels = int(np.max(tissue_labels)) + 1
         synth_config = synth.DEFAULT if synth_config is None else synth_config
+        n_pool = 0 if label_pool is None else len(label_pool)
+        if n_pool:
+            if np.shape(label_pool)[1:] != tuple(x.shape[1:3]):
+                raise ValueError(f"label_pool must be [M, H, W] with the images' {tuple(x.shape[1:3])}, "
+                                 f"got {np.shape(label_pool)}")
+            from kts.phantom import KIDNEY_TISSUES
+
+            pool = np.asarray(label_pool, np.int32)
+            pool_tissue = tf.constant(pool)
+            pool_masks = tf.constant(np.isin(pool, KIDNEY_TISSUES).astype(np.float32)[..., None])
+            n_labels = max(n_labels, int(pool.max()) + 1)
 
     def one_epoch(epoch):
         order = tf.random.experimental.stateless_shuffle(tf.range(total, dtype=tf.int64),
@@ -128,12 +143,19 @@ def make_dataset(images, masks, batch_size: int, seed: int, flip: str = "horizon
                 item_seed = tf.random.experimental.stateless_fold_in(
                     tf.stack([tf.cast(seed, tf.int64), epoch]), i)
                 coin_seed, draw_seed = tf.unstack(tf.random.experimental.stateless_split(item_seed, 2))
-                labels = tf.gather(tissue, j)
+                labels, label_mask = tf.gather(tissue, j), tf.gather(y, j)
+                if n_pool:  # the draw's label map: the item's own (k < n) or one of the pool's
+                    k = tf.random.stateless_uniform([], seed=tf.random.experimental.stateless_fold_in(item_seed, 1),
+                                                    maxval=n + n_pool, dtype=tf.int32)
+                    pool_k = tf.maximum(k - n, 0)
+                    labels = tf.where(k < n, labels, tf.gather(pool_tissue, pool_k))
+                    label_mask = tf.where(k < n, label_mask, tf.gather(pool_masks, pool_k))
                 if augment:
                     labels = tf.where(i >= n, tf.reverse(labels, [axis - 1]), labels)
+                    label_mask = tf.where(i >= n, tf.reverse(label_mask, [axis - 1]), label_mask)
                 coin = tf.random.stateless_uniform([], seed=coin_seed)
                 xi, yi = tf.cond(coin < synth_config.p_synthetic,
-                                 lambda: synth.synthesise(labels, yi, draw_seed, n_labels, synth_config),
+                                 lambda: synth.synthesise(labels, label_mask, draw_seed, n_labels, synth_config),
                                  lambda: (xi, yi))
             return xi, yi
 
@@ -232,7 +254,7 @@ def _check_pair(images, masks, what: str) -> None:
 def train_cunet(train: tuple, validation: tuple | None, out_dir: str | os.PathLike, *,
                 model_kwargs: dict | None = None, config: TrainConfig = TrainConfig(), seed: int = 0,
                 strategy=None, resume: bool = False, verbose: int = 0, progress: bool | str = False,
-                tissue_labels=None) -> TrainResult:
+                tissue_labels=None, label_pool=None) -> TrainResult:
     """Train a CU-Net with the paper's recipe (section IV); return the best model and its history.
 
     ``train`` and ``validation`` are ``(images, kidney_masks)`` with images in 0..255; the
@@ -243,7 +265,8 @@ def train_cunet(train: tuple, validation: tuple | None, out_dir: str | os.PathLi
     and ends where an uninterrupted run would have ended. ``progress=True`` shows one bar over
     the epochs (:class:`EpochProgress`) with the loss and the monitored value (a string: the bar's
     label). ``tissue_labels``
-    (int [N, H, W], aligned with the training images) feed ``config.intensity="synth"``.
+    (int [N, H, W], aligned with the training images) and ``label_pool`` (int [M, H, W], label maps of
+    other anatomy; :func:`make_dataset`) feed ``config.intensity="synth"``.
     """
     from kts.cunet import build_cunet
 
@@ -291,7 +314,7 @@ def train_cunet(train: tuple, validation: tuple | None, out_dir: str | os.PathLi
     val_x, val_y = prepare_inputs(validation[0]), prepare_masks(validation[1])
     dataset = make_dataset(images, masks, config.batch_size, seed, config.flip,
                            first_epoch=first_epoch, epochs=config.epochs - first_epoch, intensity=config.intensity,
-                           tissue_labels=tissue_labels)
+                           tissue_labels=tissue_labels, label_pool=label_pool)
     model.fit(dataset, validation_data=(val_x, val_y), validation_batch_size=config.batch_size,
               epochs=config.epochs, initial_epoch=first_epoch,
               steps_per_epoch=steps_per_epoch(len(images), config.batch_size),

@@ -70,6 +70,11 @@ def run_folder(work_dir: str | os.PathLike, partition: str, seed: int) -> Path:
     return Path(work_dir) / "study" / run_name(partition, seed)
 
 
+# the phantom seed of the synth recipe's extra label maps is this + the run's seed: never a study seed (0, 1, ...),
+# pretraining's (1000, 1001) nor the hard-difficulty phantom's (kts.contrasts.HARD_SEED_OFFSET = 2000 + seed)
+LABEL_POOL_SEED_OFFSET = 3000
+
+
 def train_kidney_stage(dataset, splits: dict, profile: Profile, out_dir: str | os.PathLike, seed: int = 0,
                        resume: bool = True, epochs: int | None = None, verbose: int = 0, intensity: str = "none",
                        progress: bool = True):
@@ -81,15 +86,18 @@ def train_kidney_stage(dataset, splits: dict, profile: Profile, out_dir: str | o
     from kts.train import train_cunet
 
     train_set, val_set = dataset.subset(splits["train"]), dataset.subset(splits["val"])
-    tissue = None
+    tissue = pool = None
     if intensity == "synth":  # SynthSeg's recipe (kts.synth) draws from the phantom's tissue label maps
-        from kts.phantom import tissue_label_maps
+        from kts import phantom, synth
 
-        tissue = tissue_label_maps(train_set)
+        tissue = phantom.tissue_label_maps(train_set)
+        if synth.DEFAULT.label_pool:
+            pool = phantom.label_map_pool(synth.DEFAULT.label_pool, LABEL_POOL_SEED_OFFSET + seed,
+                                          profile.difficulty, size=train_set.images.shape[1])
     return train_cunet((train_set.images, train_set.kidney_masks), (val_set.images, val_set.kidney_masks),
                        out_dir, model_kwargs=dict(z=profile.cunet_base_filters),
                        config=profile.cunet_config(epochs, intensity), seed=seed, resume=resume,
-                       verbose=verbose, progress=progress, tissue_labels=tissue)
+                       verbose=verbose, progress=progress, tissue_labels=tissue, label_pool=pool)
 
 
 def tumor_crops(dataset, case_ids, crop_size: int, copies: int = 1, jitter: int = 0, seed: int = 0,

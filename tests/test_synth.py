@@ -123,3 +123,46 @@ def test_the_synth_recipe_trains_on_a_longer_schedule():
     assert config.SYNTH_SCHEDULE == {"epochs": 2, "early_stopping_patience": 3, "reduce_lr_patience": 2}
     assert drawn.learning_rate == plain.learning_rate and drawn.intensity == "synth"
     assert paper.cunet_config(epochs=7, intensity="synth").epochs == 7  # an explicit budget wins
+
+
+def test_the_label_pool_is_new_anatomy_drawn_from_the_phantom(small):
+    pool = phantom.label_map_pool(3, seed=3000, size=small.images.shape[1])
+    assert pool.shape == (3,) + small.kidney_masks.shape[1:] and pool.dtype == np.uint8
+    np.testing.assert_array_equal(pool, phantom.label_map_pool(3, seed=3000, size=small.images.shape[1]))
+    assert all(np.isin(p, phantom.KIDNEY_TISSUES).any() for p in pool)  # slices through the kidneys
+    own = phantom.tissue_label_maps(small)
+    assert not any(np.array_equal(p, o) for p in pool for o in own)  # another phantom seed: other anatomy
+    with pytest.raises(ValueError, match="n_cases"):
+        phantom.label_map_pool(-1, seed=3000)
+
+
+def test_synth_draws_take_label_maps_from_the_pool_with_their_masks(small):
+    """With a pool, a synthetic item's label map (and so its kidney target) may come from other anatomy; the
+    mask still follows the labels it was drawn from, and the epoch keeps its length. An empty pool changes nothing."""
+    tissue = phantom.tissue_label_maps(small)
+    x, y = small.images, small.kidney_masks
+    pool = phantom.label_map_pool(6, seed=3000, size=x.shape[1])
+    no_deformation = dataclasses.replace(FIXED, p_synthetic=1.0)
+
+    def batches(**kwargs):
+        ds = train.make_dataset(x, y, batch_size=4, seed=3, epochs=2, intensity="synth", tissue_labels=tissue,
+                                **kwargs)
+        return [(b[0].numpy(), b[1].numpy()) for b in ds]
+
+    plain = batches()
+    empty = batches(label_pool=pool[:0])
+    assert all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) for a, b in zip(plain, empty))
+    drawn = batches(label_pool=pool, synth_config=no_deformation)
+    assert len(drawn) == len(plain)
+    own_masks = [m for m in (y > 0)] + [np.fliplr(m) for m in (y > 0)]
+    pool_masks = [np.isin(p, phantom.KIDNEY_TISSUES) for p in pool]
+    pool_masks += [np.fliplr(m) for m in pool_masks]
+    masks = [m[..., 0] > 0 for _, batch_masks in drawn for m in batch_masks]
+    from_pool = sum(any(np.array_equal(m, p) for p in pool_masks) for m in masks)
+    assert all(any(np.array_equal(m, o) for o in own_masks + pool_masks) for m in masks)
+    assert from_pool >= len(masks) // 3  # 6 of the 10 label maps are the pool's
+    with pytest.raises(ValueError, match="label_pool"):
+        train.make_dataset(x, y, batch_size=4, seed=3, intensity="synth", tissue_labels=tissue,
+                           label_pool=pool[:, :8, :8])
+    with pytest.raises(ValueError, match="label_pool"):
+        synth.SynthConfig(label_pool=-1)

@@ -53,6 +53,12 @@ def test_training_drives_loss_down_and_iou_up(data, tmp_path):
     probabilities = train.predict_probabilities(result.model, vx)
     assert probabilities.shape == vx.shape
     assert metrics.score_masks(probabilities > 0.5, vy)["mean_dice"] > 0.3
+    # a fresh process that imports kts.train alone loads it (the fused batch-norm layer once failed to
+    # deserialise unless kts.cunet had been imported first)
+    code = f"from kts import train; print(train.load_best_model({str(tmp_path)!r}).count_params())"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert loaded.returncode == 0, loaded.stderr[-2000:]
+    assert int(loaded.stdout.split()[-1]) == result.model.count_params()
 
 
 def test_resume_ends_where_an_uninterrupted_run_ends(data, tmp_path):
