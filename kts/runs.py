@@ -92,6 +92,22 @@ def run_all(items: Iterable[Any], run: Callable[[Any], dict[str, Any]],
     return pd.DataFrame(rows)
 
 
+def in_child_process(function: Callable[..., Any], *args, **kwargs) -> Any:
+    """``function(*args, **kwargs)`` in a fresh Python process that exits when it returns (issue 15's memory).
+
+    What a training leaves behind in a process (TensorFlow's traced graphs, glibc's arenas: see
+    :func:`release_memory`) leaves with the child, so a notebook that trains several models one after
+    another holds one at a time. ``function`` must be importable (a module's, not a notebook's) and its
+    arguments and result picklable; an exception in the child is raised here. The child starts by
+    ``spawn`` (no fork of a process that runs TensorFlow's threads) and inherits the environment,
+    so the thread settings and folders ``kts run`` gives the kernel hold in it too.
+    """
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
+        return pool.apply(function, args, kwargs)
+
+
 def release_memory() -> None:
     """Drop the finished run's models, then hand the freed heap back to the operating system.
 

@@ -125,7 +125,7 @@ FINE_TUNE_LR_FACTOR = 0.5  # fine-tuning takes half the pretraining's learning r
 
 def train_tumor_stage(dataset, splits: dict, profile: Profile, out_dir: str | os.PathLike, seed: int = 0,
                       steps: int | None = None, resume: bool = True, progress: bool = True, validate: bool = True,
-                      init: str = "pretrained"):
+                      init: str = "pretrained", in_child: bool = False):
     """Train (or reload) the Mask R-CNN on kidney crops of the training cases (section III.B).
 
     ``init="pretrained"`` fine-tunes the weights shipped in ``kts/weights`` (``kts.pretrain``,
@@ -137,6 +137,8 @@ def train_tumor_stage(dataset, splits: dict, profile: Profile, out_dir: str | os
     notebook 03); the split study turns it off. The pretrained start and the box jitter are
     looked up by the profile's name (``kts/weights/maskrcnn-<name>``): a profile with another
     ``maskrcnn`` architecture than its name's weights is refused when they are loaded.
+    ``in_child``: train in a child process (:func:`kts.runs.in_child_process`, no progress bar) and
+    load the result here, so the training's memory leaves with the child (issue 15).
     """
     from kts import pretrain
     from kts.io import write_json
@@ -151,6 +153,12 @@ def train_tumor_stage(dataset, splits: dict, profile: Profile, out_dir: str | os
         info = _read_json(done)
         if info.get("init", "scratch") == init and (out_dir / "model" / "maskrcnn_config.json").is_file():
             return TumorMaskRCNN.load(out_dir / "model"), info
+    if in_child:
+        from kts.runs import in_child_process
+
+        in_child_process(_train_tumor_stage_only, dataset, splits, profile, out_dir, seed=seed, steps=steps,
+                         resume=resume, validate=validate, init=init)
+        return train_tumor_stage(dataset, splits, profile, out_dir, seed, steps, resume=True, init=init)
     jitter = pretrain.BOX_JITTER[profile.name]
     train_crops, train_labels = tumor_crops(dataset, splits["train"], config.crop_size, copies=2, jitter=jitter,
                                             seed=seed)
@@ -182,21 +190,41 @@ def train_tumor_stage(dataset, splits: dict, profile: Profile, out_dir: str | os
     return model, _read_json(done)
 
 
+def _train_tumor_stage_only(*args, **kwargs) -> None:
+    """:func:`train_tumor_stage` without its result (a Keras model does not pickle): a child process's task."""
+    train_tumor_stage(*args, progress=False, **kwargs)
+
+
 def train_tumor_reference(dataset, splits: dict, profile: Profile, out_dir: str | os.PathLike, seed: int = 0,
-                          epochs: int | None = None, resume: bool = True):
-    """The dense reference of issue 12 (not the paper's method): a narrow CU-Net on the same kidney crops."""
+                          epochs: int | None = None, resume: bool = True, in_child: bool = False,
+                          progress: bool = True):
+    """The dense reference of issue 12 (not the paper's method): a narrow CU-Net on the same kidney crops.
+
+    ``in_child``: trained in a child process (:func:`kts.runs.in_child_process`), loaded here."""
     from kts import pretrain, reference
 
+    if in_child:
+        from kts.runs import in_child_process
+
+        in_child_process(_train_tumor_reference_only, dataset, splits, profile, out_dir, seed=seed, epochs=epochs,
+                         resume=resume)
+        return reference.load_dense_reference(out_dir)
     config = profile.maskrcnn
     jitter = pretrain.BOX_JITTER[profile.name]
     train = tumor_crops(dataset, splits["train"], config.crop_size, copies=2, jitter=jitter, seed=seed)
     val = tumor_crops(dataset, splits["val"], config.crop_size)
     reference.train_dense_reference(train[0], train[1], val[0], val[1], out_dir, z=8,
-                                    epochs=epochs or REFERENCE_EPOCHS[profile.name], seed=seed, resume=resume)
+                                    epochs=epochs or REFERENCE_EPOCHS[profile.name], seed=seed, resume=resume,
+                                    progress=progress)
     return reference.load_dense_reference(out_dir)
 
 
 REFERENCE_EPOCHS = {"paper": 40, "quick": 15}
+
+
+def _train_tumor_reference_only(*args, **kwargs) -> None:
+    """:func:`train_tumor_reference` without its result: a child process's task."""
+    train_tumor_reference(*args, progress=False, **kwargs)
 
 
 def compare_tumor_models(models: dict, crops, labels, weightings) -> "Any":
