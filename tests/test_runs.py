@@ -104,3 +104,15 @@ def test_differences_name_each_nested_setting_that_changed():
     assert kts_io.differences({"a": 1, "b": {"c": [1, 2]}}, {"a": 1, "b": {"c": [1, 2]}}) == []
     assert kts_io.differences({"a": 1, "b": {"c": 2}}, {"a": 3, "b": {"c": 2, "d": 4}}) == [
         "a: 1 there, 3 now", "b.d: '(none)' there, 4 now"]
+
+
+def test_a_child_process_runs_the_function_and_hands_back_its_result_or_its_error():
+    """kts.runs.in_child_process (notebook 03's extra trainings, issue 15): another process, the same result."""
+    import os
+
+    from kts.runs import in_child_process
+
+    assert in_child_process(os.getpid) != os.getpid()
+    assert in_child_process(divmod, 17, 5) == (3, 2)
+    with pytest.raises(ValueError, match="invalid literal"):
+        in_child_process(int, "not a number")
