@@ -87,7 +87,8 @@ def make_dataset(images, masks, batch_size: int, seed: int, flip: str = "horizon
     goes through :func:`kts.synth.random_lut`; with ``"synth"`` a share ``synth_config.p_synthetic``
     (default :data:`kts.synth.DEFAULT`) is re-synthesised from ``tissue_labels`` (int [N, H, W],
     aligned with ``images``) by :func:`kts.synth.synthesise`, mask deformed alike. ``label_pool``
-    (int [M, H, W], e.g. ``kts.phantom.label_map_pool``) adds M label maps of other anatomy: each
+    (label maps int [M, H, W], e.g. ``kts.phantom.label_map_pool``, and their kidney masks) adds M label
+    maps of other anatomy: each
     synthetic draw then takes its label map uniformly from the item's own and the pool's, so an
     epoch keeps its length and cost.
     """
@@ -111,16 +112,15 @@ def make_dataset(images, masks, batch_size: int, seed: int, flip: str = "horizon
         tissue = tf.constant(np.asarray(tissue_labels, np.int32))
         n_labels = int(np.max(tissue_labels)) + 1
         synth_config = synth.DEFAULT if synth_config is None else synth_config
-        n_pool = 0 if label_pool is None else len(label_pool)
+        n_pool = 0 if label_pool is None else len(label_pool[0])
         if n_pool:
-            if np.shape(label_pool)[1:] != tuple(x.shape[1:3]):
-                raise ValueError(f"label_pool must be [M, H, W] with the images' {tuple(x.shape[1:3])}, "
-                                 f"got {np.shape(label_pool)}")
-            from kts.phantom import KIDNEY_TISSUES
-
-            pool = np.asarray(label_pool, np.int32)
+            if not np.shape(label_pool[0])[1:] == np.shape(label_pool[1])[1:3] == tuple(x.shape[1:3]):
+                raise ValueError(f"label_pool must be (label maps [M, H, W], kidney masks [M, H, W]) with the "
+                                 f"images' {tuple(x.shape[1:3])}, got {np.shape(label_pool[0])} and "
+                                 f"{np.shape(label_pool[1])}")
+            pool = np.asarray(label_pool[0], np.int32)
             pool_tissue = tf.constant(pool)
-            pool_masks = tf.constant(np.isin(pool, KIDNEY_TISSUES).astype(np.float32)[..., None])
+            pool_masks = tf.constant(prepare_masks(label_pool[1]))
             n_labels = max(n_labels, int(pool.max()) + 1)
 
     def one_epoch(epoch):
@@ -265,8 +265,8 @@ def train_cunet(train: tuple, validation: tuple | None, out_dir: str | os.PathLi
     and ends where an uninterrupted run would have ended. ``progress=True`` shows one bar over
     the epochs (:class:`EpochProgress`) with the loss and the monitored value (a string: the bar's
     label). ``tissue_labels``
-    (int [N, H, W], aligned with the training images) and ``label_pool`` (int [M, H, W], label maps of
-    other anatomy; :func:`make_dataset`) feed ``config.intensity="synth"``.
+    (int [N, H, W], aligned with the training images) and ``label_pool`` (label maps of other anatomy and
+    their kidney masks; :func:`make_dataset`) feed ``config.intensity="synth"``.
     """
     from kts.cunet import build_cunet
 

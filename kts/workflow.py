@@ -92,8 +92,9 @@ def train_kidney_stage(dataset, splits: dict, profile: Profile, out_dir: str | o
 
         tissue = phantom.tissue_label_maps(train_set)
         if synth.DEFAULT.label_pool:
-            pool = phantom.label_map_pool(synth.DEFAULT.label_pool, LABEL_POOL_SEED_OFFSET + seed,
-                                          profile.difficulty, size=train_set.images.shape[1])
+            labels = phantom.label_map_pool(synth.DEFAULT.label_pool, LABEL_POOL_SEED_OFFSET + seed,
+                                            profile.difficulty, size=train_set.images.shape[1])
+            pool = (labels, np.isin(labels, phantom.KIDNEY_TISSUES).astype(np.uint8))
     return train_cunet((train_set.images, train_set.kidney_masks), (val_set.images, val_set.kidney_masks),
                        out_dir, model_kwargs=dict(z=profile.cunet_base_filters),
                        config=profile.cunet_config(epochs, intensity), seed=seed, resume=resume,
